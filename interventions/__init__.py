@@ -1,0 +1,68 @@
+"""Activation reads, writes, routes and lenses over nnsight traces.
+
+This package knows nothing about unlearning: it names sites in a model (TransformerLens-style names
+mapped per architecture to module paths, `interventions.sites`) and declares what one step reads and
+writes (`interventions.graph`), compiled into the fewest nnsight traces. The same names work
+interactively (`interventions.ops`) and on TransformerLens bridges (`interventions.tl_backend`)::
+
+    from interventions import Read, Route, StepGraph, capture_acts
+
+    acts = capture_acts(model, input_ids, "blocks.{l}.hook_resid_post", layers="all")
+    step = StepGraph([
+        Read("acts", "blocks.2.hook_resid_post", model="trainable", batch="forget"),
+        Route("routed", "blocks.2.hook_resid_post", source="trainable", target="base",
+              batch="forget"),
+    ]).compile({"trainable": model, "base": frozen_copy})
+    out = step({"forget": forget_batch})  # {"acts", "routed", "forget/attention_mask"}
+"""
+
+from interventions.graph import (
+    DEFAULT_BATCH,
+    DEFAULT_MODEL,
+    CompiledStep,
+    Lens,
+    Read,
+    Route,
+    StepGraph,
+    Translator,
+    Write,
+)
+from interventions.nnsight_backend import as_envoy, position_ids_from_mask
+from interventions.ops import capture_acts, lens, patch_acts, route
+from interventions.sites import (
+    ARCHITECTURES,
+    Site,
+    describe_model,
+    expand_layers,
+    resolve_site,
+    resolve_sites,
+    site_names,
+)
+from interventions.tl_backend import bridge_from_hf, is_bridge
+
+__all__ = [
+    "ARCHITECTURES",
+    "DEFAULT_BATCH",
+    "DEFAULT_MODEL",
+    "CompiledStep",
+    "Lens",
+    "Read",
+    "Route",
+    "Site",
+    "StepGraph",
+    "Translator",
+    "Write",
+    "as_envoy",
+    "bridge_from_hf",
+    "capture_acts",
+    "describe_model",
+    "expand_layers",
+    "is_bridge",
+    "lens",
+    "patch_acts",
+    "position_ids_from_mask",
+    "resolve_site",
+    "resolve_sites",
+    "route",
+    "site_names",
+]
