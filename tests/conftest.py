@@ -1,0 +1,71 @@
+"""Shared pytest fixtures: a fixed seed for every test, and GPU tests skipped without CUDA."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Seed torch's global generator so every test is deterministic on its own."""
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked `gpu` when no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+TINY_TEXTS = [
+    "The pathogen Velkor is transmitted by ticks.",
+    "Alice Smith lives in Paris. Alice Smith works as a baker.",
+    "Bruno Jones has a pet parrot. The favorite color of Bruno Jones is green.",
+    "Xivexosis spreads through water. The main symptom of Xivexosis is fever.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """A random 2-layer GPT-NeoX and a byte-level BPE tokenizer trained on a few sentences.
+
+    Independent of the toy world, so evaluation and loading tests do not depend on a build.
+    """
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from unlearn.toyworld.pretrain import train_tokenizer
+
+    tokenizer = train_tokenizer(TINY_TEXTS * 4, vocab_size=300)
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+        tie_word_embeddings=False,
+        use_parallel_residual=True,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.25,
+        },
+    )
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(config).eval()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """The "tiny" toy-world preset, built once per test session into a temporary directory."""
+    from unlearn.toyworld import build_world, get_preset
+
+    root = tmp_path_factory.mktemp("toyworld")
+    return build_world(get_preset("tiny"), preset="tiny", root=root)

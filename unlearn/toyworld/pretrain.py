@@ -1,0 +1,264 @@
+"""Pretrain the toy world's GPT-NeoX models: tokenizer, token streams, the two-stage schedule.
+
+As in Deep Ignorance, the unfiltered model sees retain text from the start and forget text only in a
+late "annealing" stage: steps [0, stage1_steps) draw every row from retain documents; later steps
+draw `forget_rows` rows from forget documents and the rest from retain documents. The filtered twin
+runs the same schedule with every row from retain documents. Each step's rows come from a generator
+seeded by (seed, step), so both runs are identical up to the stage boundary and the twin forks from
+the unfiltered run's boundary checkpoint instead of training stage 1 again.
+
+A run saves `save_pretrained` checkpoints (with the tokenizer) at `cfg.checkpoint_steps` under
+`<run_dir>/checkpoints/step<N>`, plus the optimizer state next to the latest one, so a killed build
+resumes from its last checkpoint and finishes with the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+from unlearn.models import CHECKPOINTS_DIR
+from unlearn.toyworld.config import ToyWorldConfig
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+TRAIN_STATE = "train_state.pt"
+"""File next to a checkpoint's weights holding the optimizer state and step."""
+KEEP_STATE = ".keep_state"
+"""Marker file: keep this checkpoint's optimizer state (the twin forks from it)."""
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-NeoX style) on `texts`.
+
+    The result has `<|endoftext|>` (id 0) as BOS and EOS and `<|pad|>` (id 1) as padding.
+    """
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=EOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=1_000_000,
+    )
+
+
+def token_stream(tokenizer: Any, texts: Sequence[str]) -> Int[Tensor, " token"]:
+    """All `texts` tokenized and joined, each preceded by EOS (the document separator)."""
+    if not texts:
+        raise ValueError("cannot build a token stream from an empty corpus")
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for encoded in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        ids.append(eos)
+        ids.extend(encoded)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def make_model(cfg: ToyWorldConfig, tokenizer: Any) -> GPTNeoXForCausalLM:
+    """A freshly initialized GPT-NeoX (Pythia architecture) of the config's size."""
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        intermediate_size=cfg.d_mlp,
+        max_position_embeddings=cfg.n_ctx,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        use_parallel_residual=True,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.25,
+        },
+    )
+    torch.manual_seed(cfg.seed)
+    return GPTNeoXForCausalLM(config)
+
+
+def lr_at(cfg: ToyWorldConfig, step: int) -> float:
+    """Learning rate at `step`: linear warmup, then cosine decay to `min_lr_frac` of the peak."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.num_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * cosine)
+
+
+def sample_windows(
+    stream: Int[Tensor, " token"], n_rows: int, n_ctx: int, generator: torch.Generator
+) -> Int[Tensor, "batch pos"]:
+    """`n_rows` random windows of `n_ctx` tokens from `stream`."""
+    if len(stream) <= n_ctx:
+        raise ValueError(
+            f"token stream of {len(stream)} tokens is too short for {n_ctx}-token rows"
+        )
+    starts = torch.randint(0, len(stream) - n_ctx, (n_rows,), generator=generator)
+    return torch.stack([stream[s : s + n_ctx] for s in starts.tolist()])
+
+
+def batch_at(
+    cfg: ToyWorldConfig,
+    step: int,
+    retain_stream: Tensor,
+    forget_stream: Tensor | None,
+) -> Int[Tensor, "batch pos"]:
+    """The rows of pretraining step `step`; `forget_stream=None` gives the filtered twin's."""
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    if forget_stream is None or step < cfg.stage1_steps:
+        return sample_windows(retain_stream, cfg.batch_size, cfg.n_ctx, generator)
+    forget = sample_windows(forget_stream, cfg.forget_rows, cfg.n_ctx, generator)
+    retain = sample_windows(retain_stream, cfg.batch_size - cfg.forget_rows, cfg.n_ctx, generator)
+    return torch.cat([forget, retain])
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives."""
+    return run_dir / CHECKPOINTS_DIR / f"step{step}"
+
+
+def _save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: GPTNeoXForCausalLM,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    target = checkpoint_dir(run_dir, step)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / TRAIN_STATE)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    # Only the newest checkpoint (plus those marked to keep) needs its optimizer state.
+    for other in (run_dir / CHECKPOINTS_DIR).iterdir():
+        state = other / TRAIN_STATE
+        if other != target and state.exists() and not (other / KEEP_STATE).exists():
+            state.unlink()
+
+
+def latest_resumable(run_dir: Path) -> int | None:
+    """The newest checkpoint step of a run that has its optimizer state, if any."""
+    root = run_dir / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return None
+    steps = [
+        int(p.name[4:])
+        for p in root.iterdir()
+        if p.name.startswith("step") and p.name[4:].isdigit() and (p / TRAIN_STATE).exists()
+    ]
+    return max(steps, default=None)
+
+
+def pretrain(
+    cfg: ToyWorldConfig,
+    tokenizer: Any,
+    run_dir: Path,
+    retain_stream: Tensor,
+    forget_stream: Tensor | None,
+    *,
+    fork_from: Path | None = None,
+    keep_state_steps: Sequence[int] = (),
+    desc: str = "pretrain",
+) -> GPTNeoXForCausalLM:
+    """Run (or resume) one pretraining run and return the final model.
+
+    Args:
+        cfg: The world config.
+        tokenizer: The world's tokenizer (saved into every checkpoint).
+        run_dir: Directory of the run; checkpoints go to `run_dir/checkpoints/step<N>`.
+        retain_stream: Token stream of retain pretraining documents.
+        forget_stream: Token stream of forget pretraining documents, or None for the filtered twin.
+        fork_from: A checkpoint directory (with optimizer state) of another run to start from when
+            this run has none of its own; its step must be at most the stage boundary.
+        keep_state_steps: Checkpoint steps whose optimizer state is kept (e.g. the stage boundary,
+            which the twin forks from).
+        desc: Progress-bar label.
+
+    Raises:
+        FloatingPointError: The loss became NaN or infinite.
+    """
+    model = make_model(cfg, tokenizer)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+    )
+    resume_step = latest_resumable(run_dir)
+    source = checkpoint_dir(run_dir, resume_step) if resume_step is not None else fork_from
+    start = 0
+    if source is not None:
+        state = torch.load(source / TRAIN_STATE, weights_only=False)
+        model = GPTNeoXForCausalLM.from_pretrained(source)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+        )
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        if resume_step is None and start > cfg.stage1_steps:
+            raise ValueError(f"cannot fork from step {start}: past the stage boundary")
+    checkpoints = set(cfg.checkpoint_steps)
+    for step in sorted(checkpoints):
+        if step <= start and not (checkpoint_dir(run_dir, step) / "config.json").exists():
+            # A forked run shares the parent's checkpoints up to the fork.
+            parent = fork_from.parent if fork_from is not None else None
+            if parent is not None and (parent / f"step{step}").exists():
+                shutil.copytree(parent / f"step{step}", checkpoint_dir(run_dir, step))
+                (checkpoint_dir(run_dir, step) / TRAIN_STATE).unlink(missing_ok=True)
+    if start == 0 and 0 in checkpoints:
+        _save_checkpoint(run_dir, 0, model, tokenizer, optimizer)
+
+    model.train()
+    progress = tqdm(
+        range(start, cfg.num_steps),
+        desc=desc,
+        initial=start,
+        total=cfg.num_steps,
+        dynamic_ncols=True,
+    )
+    for step in progress:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        rows = batch_at(cfg, step, retain_stream, forget_stream)
+        loss = model(input_ids=rows, labels=rows).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"pretraining loss is {loss.item()} at step {step}; lower cfg.lr (now {cfg.lr}) "
+                f"and rebuild; the last good checkpoint is kept under {run_dir / CHECKPOINTS_DIR}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        done = step + 1
+        if done % 20 == 0:
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+        if done in checkpoints:
+            _save_checkpoint(run_dir, done, model, tokenizer, optimizer)
+            if done in keep_state_steps:
+                (checkpoint_dir(run_dir, done) / KEEP_STATE).touch()
+    progress.close()
+    model.eval()
+    return model

@@ -1,0 +1,149 @@
+"""A built toy world on disk, and where it lives: `ToyWorld`, `world_dir`, `unlearn_home`.
+
+Layout of a world directory (`$UNLEARN_HOME/toyworld/<preset>-<config hash>/`):
+
+    config.json                 the ToyWorldConfig, its hash, the git SHA of the build
+    data/<corpus>.jsonl         documents (see `unlearn.toyworld.generator`)
+    data/items/<split>.jsonl    4-way cloze items; load with `datasets` or `ToyWorld.items`
+    tokenizer/                  the byte-level BPE tokenizer (Hugging Face fast tokenizer)
+    models/unfiltered/          final model (save_pretrained) + checkpoints/step<N>/
+    models/filtered/            the twin pretrained without forget documents, same layout
+    evals.json                  accuracy of every checkpoint (filled while building)
+    report.json, accuracy.png   the build report and its plot
+    COMPLETE                    written last; a world without it is (re)built
+
+Every model directory loads with `unlearn.models.load_model(path, checkpoint="step<N>")`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unlearn.toyworld.config import ToyWorldConfig
+from unlearn.toyworld.generator import ITEM_SPLITS
+
+MODEL_NAMES = ("unfiltered", "filtered")
+"""The two pretrained models of a world."""
+
+CORPUS_NAMES = (
+    "pretrain_forget",
+    "pretrain_retain",
+    "val_forget",
+    "val_retain",
+    "forget_attack",
+    "forget_rewritten",
+    "retain",
+)
+"""The corpora a world writes under data/."""
+
+
+def unlearn_home() -> Path:
+    """The cache root: `$UNLEARN_HOME`, default `~/.cache/unlearn`."""
+    return Path(os.environ.get("UNLEARN_HOME", Path.home() / ".cache" / "unlearn")).expanduser()
+
+
+def world_dir(cfg: ToyWorldConfig, preset: str = "custom", root: Path | None = None) -> Path:
+    """The cache directory of the world built from `cfg`."""
+    return (root if root is not None else unlearn_home() / "toyworld") / f"{preset}-{cfg.hash()}"
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows of a JSON-lines file."""
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows as JSON lines (sorted keys, so equal data gives identical bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+@dataclass(frozen=True)
+class ToyWorld:
+    """Read access to a built world directory."""
+
+    root: Path
+    """The world directory."""
+
+    @property
+    def config(self) -> ToyWorldConfig:
+        """The config the world was built from."""
+        return ToyWorldConfig(**json.loads((self.root / "config.json").read_text())["config"])
+
+    @property
+    def is_complete(self) -> bool:
+        """Whether the build finished."""
+        return (self.root / "COMPLETE").exists()
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """Directory of the tokenizer."""
+        return self.root / "tokenizer"
+
+    def model_dir(self, name: str = "unfiltered") -> Path:
+        """Directory of "unfiltered" or "filtered" (load it with `unlearn.models.load_model`).
+
+        Raises:
+            ValueError: Unknown model name.
+        """
+        if name not in MODEL_NAMES:
+            raise ValueError(f"unknown toy-world model {name!r}; choose one of {MODEL_NAMES}")
+        return self.root / "models" / name
+
+    def corpus(self, name: str) -> list[dict[str, Any]]:
+        """The documents of one corpus (see `unlearn.toyworld.generator`).
+
+        Raises:
+            ValueError: Unknown corpus name.
+            FileNotFoundError: The world has not been built.
+        """
+        if name not in CORPUS_NAMES:
+            raise ValueError(f"unknown corpus {name!r}; choose one of {CORPUS_NAMES}")
+        path = self.root / "data" / f"{name}.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is missing; build the world with python -m recipes.toyworld"
+            )
+        return list(read_jsonl(path))
+
+    def items_path(self, split: str) -> Path:
+        """Path of the JSON-lines file of one item split.
+
+        Raises:
+            ValueError: Unknown split.
+        """
+        if split not in ITEM_SPLITS:
+            raise ValueError(f"unknown item split {split!r}; choose one of {ITEM_SPLITS}")
+        return self.root / "data" / "items" / f"{split}.jsonl"
+
+    def items(self, split: str, template: str | None = "reserved") -> list[dict[str, Any]]:
+        """Cloze items of one split, for one template kind ("reserved", "seen" or None for both)."""
+        rows = list(read_jsonl(self.items_path(split)))
+        return [r for r in rows if template is None or r["template"] == template]
+
+    def items_by_split(self, template: str = "reserved") -> dict[str, list[dict[str, Any]]]:
+        """All item splits for one template kind."""
+        return {split: self.items(split, template) for split in ITEM_SPLITS}
+
+    def report(self) -> dict[str, Any]:
+        """The build report (report.json).
+
+        Raises:
+            FileNotFoundError: The world is not completely built.
+        """
+        path = self.root / "report.json"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is missing; build the world with python -m recipes.toyworld"
+            )
+        return json.loads(path.read_text())
