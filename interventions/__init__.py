@@ -16,18 +16,18 @@ interactively (`interventions.ops`) and on TransformerLens bridges (`interventio
     out = step({"forget": forget_batch})  # {"acts", "routed", "forget/attention_mask"}
 """
 
-from interventions.graph import (
+from interventions.graph import CompiledStep, StepGraph
+from interventions.nnsight_backend import as_envoy, position_ids_from_mask
+from interventions.nodes import (
     DEFAULT_BATCH,
     DEFAULT_MODEL,
-    CompiledStep,
     Lens,
+    Node,
     Read,
     Route,
-    StepGraph,
     Translator,
     Write,
 )
-from interventions.nnsight_backend import as_envoy, position_ids_from_mask
 from interventions.ops import capture_acts, lens, patch_acts, route
 from interventions.sites import (
     ARCHITECTURES,
@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "CompiledStep",
     "Lens",
+    "Node",
     "Read",
     "Route",
     "Site",
