@@ -6,10 +6,9 @@ a byte-level BPE tokenizer, the unfiltered GPT-NeoX with log-spaced checkpoints,
 an evaluation of every checkpoint, `report.json` and `accuracy.png`. Prints a summary table.
 
 Commands:
-    python -m recipes.toyworld                          # the default world (a few minutes on 2
-    cores) python -m recipes.toyworld --preset tiny            # a tiny world for smoke tests
-    (seconds) python -m recipes.toyworld --seed 1 --force true    # another seed; rebuild even if
-    cached
+    python -m recipes.toyworld                        # the default world (minutes on 2 cores)
+    python -m recipes.toyworld --preset tiny          # a tiny world for smoke tests (seconds)
+    python -m recipes.toyworld --seed 1 --force true  # another seed; rebuild even if cached
 """
 
 from __future__ import annotations

@@ -10,6 +10,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models run faster on one thread; two oversubscribe a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip tests marked `gpu` when no CUDA device is present."""
     if torch.cuda.is_available():
@@ -67,5 +76,12 @@ def tiny_world(tmp_path_factory):
     """The "tiny" toy-world preset, built once per test session into a temporary directory."""
     from unlearn.toyworld import build_world, get_preset
 
-    root = tmp_path_factory.mktemp("toyworld")
-    return build_world(get_preset("tiny"), preset="tiny", root=root)
+    home = tmp_path_factory.mktemp("unlearn_home")
+    return build_world(get_preset("tiny"), preset="tiny", root=home / "toyworld")
+
+
+@pytest.fixture
+def tiny_home(tiny_world, monkeypatch):
+    """$UNLEARN_HOME pointed at the session's tiny world, so recipes find it without building."""
+    monkeypatch.setenv("UNLEARN_HOME", str(tiny_world.root.parent.parent))
+    return tiny_world

@@ -8,7 +8,7 @@ For a hub model, `checkpoint` is the same as `revision`.
 
 Usage:
     >>> loaded = load_model("~/.cache/unlearn/toyworld/default-<hash>/models/unfiltered",
-    ...                     checkpoint="step420")
+    ...                     checkpoint="step400")
     >>> with loaded.model.trace("The pathogen Velkor is transmitted by"):
     ...     logits = loaded.model.output.logits.save()
 

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -48,7 +49,7 @@ def test_left_and_right_padding_score_the_same(tiny_lm):
 
 def test_nnsight_wrapper_scores_like_the_module(tiny_lm):
     model, tokenizer = tiny_lm
-    wrapped = TransformersModel(model, tokenizer=tokenizer)
+    wrapped = TransformersModel(copy.deepcopy(model), tokenizer=tokenizer)
     torch.testing.assert_close(
         score_continuations(wrapped, tokenizer, PROMPTS, CHOICES, padding_side="left"),
         score_continuations(model, tokenizer, PROMPTS, CHOICES),

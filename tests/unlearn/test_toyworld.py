@@ -127,7 +127,7 @@ def test_config_hash_tracks_content():
     assert get_preset("tiny").hash() == get_preset("tiny").hash()
     assert get_preset("tiny").hash() != get_preset("tiny", seed=1).hash()
     steps = get_preset("default").checkpoint_steps
-    assert steps[0] == 0 and steps[-1] == 900 and 300 in steps and 32 in steps
+    assert steps[0] == 0 and steps[-1] == 800 and 400 in steps and 32 in steps
 
 
 def test_filtered_batches_match_unfiltered_until_the_boundary(tiny_world):

@@ -6,7 +6,7 @@ floating-point nondeterminism of the BLAS in use), so a build is cached under it
 
 Presets:
     "default": the world the library reports numbers on (150 + 150 entities, 1,500 facts, a 0.9M
-        parameter GPT-NeoX, 900 pretraining steps; a few minutes on 2 CPU cores).
+        parameter GPT-NeoX, 800 pretraining steps; a few minutes on 2 CPU cores).
     "tiny": a small world for tests and smoke runs (builds in well under a minute).
 """
 
@@ -56,9 +56,9 @@ class ToyWorldConfig:
     """MLP hidden width."""
     n_ctx: int = 128
     """Context length; pretraining samples windows of this many tokens."""
-    num_steps: int = 900
+    num_steps: int = 800
     """Total pretraining steps for both models."""
-    stage1_steps: int = 300
+    stage1_steps: int = 400
     """Steps of the first, retain-only stage; forget documents enter only after it (annealing)."""
     batch_size: int = 32
     """Rows (windows) per pretraining step."""
