@@ -1,1 +1,1 @@
-"""Speed and quality benchmarks: `python -m benchmarks.<name>`; results go to benchmarks/results/."""
+"""Speed and quality benchmarks: `python -m benchmarks.<name>`; results in benchmarks/results/."""

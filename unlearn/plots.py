@@ -49,6 +49,7 @@ def plot_checkpoint_accuracy(report: dict[str, Any], path: str | Path) -> Path:
             label="forget data enters",
         )
         ax.set_xscale("symlog", linthresh=max(1, min(s for s in steps if s > 0)))
+        ax.set_xlim(0, max(steps) * 1.1)
         ax.set_xlabel("pretraining step")
         ax.set_title(title)
         ax.set_ylim(0, 1.02)
@@ -56,6 +57,66 @@ def plot_checkpoint_accuracy(report: dict[str, Any], path: str | Path) -> Path:
     axes[0].set_ylabel("4-way cloze accuracy (reserved template)")
     axes[1].legend(loc="center left", fontsize=8)
     fig.suptitle("Toy world: what each checkpoint knows")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_training(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Loss terms (left) and evaluation accuracies (right) over optimizer steps.
+
+    Args:
+        history: Records from metrics.jsonl: each has "step" and keys like "loss/<term>" or
+            "eval/<metric>".
+        path: Where to write the PNG.
+        title: Figure title.
+    """
+    fig, (loss_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for prefix, ax in (("loss/", loss_ax), ("eval/", eval_ax)):
+        keys = sorted({k for record in history for k in record if k.startswith(prefix)})
+        for key in keys:
+            points = [(r["step"], r[key]) for r in history if key in r]
+            ax.plot(
+                *zip(*points, strict=True),
+                marker="." if prefix == "eval/" else None,
+                label=key.removeprefix(prefix),
+            )
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if keys:
+            ax.legend(fontsize=8)
+    loss_ax.set_title("loss terms (unweighted)")
+    eval_ax.set_title("evaluation accuracy")
+    eval_ax.axhline(0.25, color="grey", linestyle=":", label="chance")
+    eval_ax.set_ylim(0, 1.02)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_lens_comparison(kl: dict[str, list[float]], path: str | Path) -> Path:
+    """Per-layer KL(p_final ‖ p_lens) of the logit lens and the tuned lens (log scale).
+
+    Args:
+        kl: {"logit": [...], "tuned": [...]}, one value per layer.
+        path: Where to write the PNG.
+    """
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, marker in (("logit", "o"), ("tuned", "s")):
+        ax.plot(range(len(kl[name])), kl[name], marker=marker, label=f"{name} lens")
+    ax.set_yscale("log")
+    ax.set_xlabel("block output")
+    ax.set_ylabel("KL to the final distribution (nats)")
+    ax.set_title("Held-out KL per layer")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

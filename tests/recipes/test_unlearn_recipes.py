@@ -1,0 +1,83 @@
+import json
+from pathlib import Path
+
+import pytest
+from simple_parsing import parse
+
+from recipes import circuit_breakers, lens_unlearn, tuned_lens
+
+
+@pytest.mark.parametrize("recipe", [lens_unlearn, circuit_breakers], ids=lambda r: r.__name__)
+def test_unlearning_recipe_writes_its_outputs(recipe, tiny_home, tmp_path):
+    out = tmp_path / "run"
+    cfg = parse(
+        recipe.Config,
+        args=[
+            "--out",
+            str(out),
+            "--world_preset",
+            "tiny",
+            "--num_steps",
+            "2",
+            "--batch_size",
+            "4",
+            "--eval_every",
+            "1",
+        ],
+    )
+    results = recipe.main(cfg)
+    for name in (
+        "run_info.json",
+        "metrics.jsonl",
+        "training.png",
+        "results.json",
+        "model/config.json",
+        "model/tokenizer.json",
+    ):
+        assert (out / name).exists(), name
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == pytest.approx(results)
+    for key in ("forget_acc", "retain_acc", "forget_acc_before", "retain_acc_before"):
+        assert 0.0 <= results[key] <= 1.0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss/total" in r] == [1, 2]
+    assert [r["step"] for r in records if "eval/forget_acc" in r] == [0, 1, 2]
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["config"]["training"]["num_steps"] == 2 and "git_sha" in info
+
+
+def test_tuned_lens_recipe(tiny_home, tmp_path):
+    out = tmp_path / "lens"
+    cfg = parse(
+        tuned_lens.Config, args=["--out", str(out), "--world_preset", "tiny", "--num_steps", "3"]
+    )
+    metrics = tuned_lens.main(cfg)
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert len(comparison["tuned"]) == len(comparison["logit"]) == 1  # tiny model: 2 blocks
+    assert metrics["tuned_kl_mean"] == pytest.approx(comparison["tuned"][0])
+    assert (out / "lens" / "lens.safetensors").exists() and (out / "lens_kl.png").exists()
+
+
+def test_non_toy_model_without_data_is_a_clear_error(tmp_path):
+    cfg = parse(lens_unlearn.Config, args=["--out", str(tmp_path), "--model", "some/model"])
+    with pytest.raises(ValueError, match="--forget_data"):
+        lens_unlearn.main(cfg)
+
+
+UNLEARNING_RECIPES = {"lens_unlearn": lens_unlearn, "circuit_breakers": circuit_breakers}
+PRESETS = sorted((Path(__file__).parents[2] / "recipes" / "configs").glob("*.yaml"))
+
+
+def _preset_cases():
+    """Each preset with the recipes it is for: the one its name starts with, else all of them."""
+    for preset in PRESETS:
+        owners = [n for n in UNLEARNING_RECIPES if preset.stem.startswith(n)] or UNLEARNING_RECIPES
+        for name in owners:
+            yield pytest.param(preset, UNLEARNING_RECIPES[name], id=f"{preset.stem}-{name}")
+
+
+@pytest.mark.parametrize(("preset", "recipe"), list(_preset_cases()))
+def test_every_yaml_preset_parses(preset, recipe):
+    cfg = parse(recipe.Config, args=["--config_path", str(preset)], add_config_path_arg=True)
+    assert cfg.training.num_steps >= 1
+    assert len(PRESETS) >= 2

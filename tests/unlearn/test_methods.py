@@ -1,0 +1,415 @@
+"""Contract suite for `unlearn.methods`: every entry of `METHODS` x the tiny random GPT-NeoX (full
+fine-tuning and peft LoRA), plus the registry, `Ramp` schedules and `stack`.
+
+The contract (STYLE.md section 5): the weighted loss is a finite scalar; gradients land only on
+trainable parameters (never on the frozen base copy, only on lora_* parameters under LoRA); a
+small step along the forget term's gradient lowers the forget term on the same batch; the config
+round-trips through `dataclasses.asdict` and through `simple_parsing.parse`.
+
+The models are wired exactly as `unlearn.training.train` wires them: "trainable" (optionally
+LoRA-wrapped) and "base" (a deep copy), compiled through `interventions.StepGraph`.
+"""
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import simple_parsing
+import torch
+
+from interventions import StepGraph
+from tests.conftest import TINY_TEXTS
+from unlearn.data import PairedBatches, tokenize_documents
+from unlearn.lens import TunedLens
+from unlearn.methods import (
+    BASE,
+    FORGET,
+    METHODS,
+    RAMPS,
+    RETAIN,
+    TRAINABLE,
+    Ramp,
+    Stacked,
+    Term,
+    stack,
+)
+from unlearn.methods.retain import retain_component
+from unlearn.training import LoraSettings, add_lora
+
+N_LAYERS = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on shared cores they spin-wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TUNED_LENS = "<tuned lens>"
+"""Placeholder for `lens_path`, replaced by a perturbed identity lens saved into tmp_path."""
+
+VARIANTS: dict[str, list[dict]] = {
+    "lens_unlearn": [
+        {},
+        {"forget_loss": "random_ce", "retain_loss": "nll", "layers": [0]},
+        {"forget_loss": "ce_max", "retain_loss": "l2", "retain_layers": [1]},
+        {"lens_path": TUNED_LENS},
+        {"retain_coef": 0.0, "forget_ramp": "constant"},
+    ],
+    "circuit_breakers": [
+        {},
+        {"orth_coef": 0.0, "retain_loss": "kl", "layers": [0, 1], "forget_coef": 2.0},
+        {"retain_loss": "nll", "orth_ramp": "constant", "retain_layers": [0]},
+        {"forget_coef": 0.0, "retain_coef": 0.0},
+    ],
+}
+"""Configs the contract runs for each method: the defaults first, then non-default settings."""
+
+CASES = [
+    pytest.param(name, kwargs, False, id=f"{name}-{i}")
+    for name in METHODS
+    for i, kwargs in enumerate(VARIANTS.get(name, [{}]))
+] + [pytest.param(name, {}, True, id=f"{name}-lora") for name in METHODS]
+
+
+@pytest.fixture(scope="module")
+def batches(tiny_lm):
+    """A forget and a retain batch of 4 rows each, of unequal lengths (so padding is exercised)."""
+    _, tokenizer = tiny_lm
+    forget_docs = [{"text": text[: 8 * (i + 1)]} for i, text in enumerate(TINY_TEXTS)]
+    retain_docs = [{"text": text[: 6 * (4 - i)]} for i, text in enumerate(TINY_TEXTS)]
+    forget = tokenize_documents(tokenizer, forget_docs, max_len=24)
+    retain = tokenize_documents(tokenizer, retain_docs, max_len=24)
+    forget_batch, retain_batch = PairedBatches(forget, retain, batch_size=4).at(0)
+    assert (forget_batch.attention_mask == 0).any() and (retain_batch.attention_mask == 0).any()
+    return {FORGET: forget_batch, RETAIN: retain_batch}
+
+
+def _config(name: str, kwargs: dict, tmp_path, model):
+    if kwargs.get("lens_path") == TUNED_LENS:
+        lens = TunedLens.for_model(model)
+        with torch.no_grad():
+            for translator in lens.translators:
+                translator.weight.add_(0.1 * torch.randn_like(translator.weight))
+        kwargs = {**kwargs, "lens_path": str(lens.save(tmp_path / "lens"))}
+    return METHODS[name][0](**kwargs)
+
+
+def _wire(model, cfg, name: str, use_lora: bool):
+    """(method, trainable, base, compiled step) as `train` builds them, trainable moved off θ0.
+
+    The base copy keeps requires_grad=True on purpose: a method that reads the base model without
+    `grad=False` would then leak gradients into it, which the contract catches.
+    """
+    method = METHODS[name][1](cfg, N_LAYERS)
+    base = copy.deepcopy(model).eval().requires_grad_(True)
+    trainable = copy.deepcopy(model).requires_grad_(True)
+    if use_lora:
+        trainable = add_lora(trainable, LoraSettings(rank=4))
+    trainable.train()
+    # Circuit breakers have a zero gradient exactly at θ0 (cos(h, h) = 1 is a maximum and
+    # ‖h − h0‖ = 0); a small perturbation of the trainable weights makes every gradient informative.
+    with torch.no_grad():
+        for param_name, param in trainable.named_parameters():
+            if param.requires_grad and (not use_lora or "lora_B" in param_name):
+                param.add_(0.02 * torch.randn_like(param))
+    step = StepGraph(list(method.nodes)).compile({TRAINABLE: trainable, BASE: base})
+    return method, trainable, base, step
+
+
+def _forget_objective(method, step, batches) -> torch.Tensor:
+    """The unweighted sum of every term but "retain" (forget, orth, ...)."""
+    acts = step(batches)
+    return sum(
+        term.fn(acts, batches[FORGET], batches[RETAIN])
+        for term in method.terms
+        if term.name != "retain"
+    )
+
+
+def _terms(method, step, batches, progress: float = 0.0) -> dict[str, torch.Tensor]:
+    acts = step(batches)
+    return {
+        term.name: term.fn(acts, batches[FORGET], batches[RETAIN]) * term.weight(progress)
+        for term in method.terms
+    }
+
+
+def _block_outputs(model, batch) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every block's output (plain forward hooks, no nnsight) and the final logits."""
+    outputs = []
+    hooks = [
+        block.register_forward_hook(lambda module, args, output: outputs.append(output))
+        for block in model.gpt_neox.layers
+    ]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs, logits
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((values * mask).sum() / mask.sum())
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("lens_unlearn", {}),
+        ("lens_unlearn", {"forget_loss": "ce_max", "retain_loss": "l2"}),
+        ("circuit_breakers", {}),
+        ("circuit_breakers", {"retain_loss": "kl", "layers": [0, 1]}),
+    ],
+)
+def test_unweighted_terms_at_theta0_match_hand_values(name, kwargs, tiny_lm, batches):
+    """At θ0 (trainable == base), recomputed from plain forward hooks, with h_l = block l's output,
+    lens_l = lm_head(final_layer_norm(h_l)) and m = the forget token mask:
+
+    - lens max_entropy: mean_l masked-mean_t (logsumexp z − mean z − log V) / log V, z = lens_l,
+      over the positions t that predict a selected token (m_{t+1} = 1);
+    - lens ce_max: mean_l of the mean over scored tokens (t ≥ 1, m_t) of log softmax(z_{t−1})[x_t];
+    - circuit breakers forget: cos(h, h) = 1 at every token, so exactly 1; orth: pooled
+      p_b = Σ_t m h / Σ_t m, p̂ = p / ‖p‖, Σ_{b≠b'} ReLU(p̂_b·p̂_b') / (B(B−1)|L|) · mean_b Σ_t m;
+    - every retain term (KL, L2) is 0 against an identical model.
+    """
+    model, _ = tiny_lm
+    cfg = METHODS[name][0](**kwargs)
+    method = METHODS[name][1](cfg, N_LAYERS)
+    base = copy.deepcopy(model).eval().requires_grad_(False)
+    step = StepGraph(list(method.nodes)).compile({TRAINABLE: copy.deepcopy(model), BASE: base})
+    with torch.no_grad():
+        values = {k: float(v) for k, v in _terms(method, step, batches, progress=1.0).items()}
+        weights = {term.name: term.weight(1.0) for term in method.terms}
+        values = {k: v / weights[k] for k, v in values.items()}
+
+    forget = batches[FORGET]
+    acts, _ = _block_outputs(model, forget)
+    mask = forget.token_mask.float()
+    layers = range(N_LAYERS) if cfg.layers is None else cfg.layers
+    if name == "lens_unlearn":
+        with torch.no_grad():
+            lenses = [
+                model.lm_head(model.gpt_neox.final_layer_norm(acts[layer])) for layer in layers
+            ]
+        if cfg.forget_loss == "max_entropy":
+            log_vocab = math.log(lenses[0].shape[-1])
+            predicting = torch.zeros_like(mask)
+            predicting[:, :-1] = mask[:, 1:]
+            per_layer = [
+                _masked_mean((z.logsumexp(-1) - z.mean(-1) - log_vocab) / log_vocab, predicting)
+                for z in lenses
+            ]
+        else:
+            tokens = forget.input_ids
+            per_layer = [
+                _masked_mean(
+                    z[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0], mask[:, 1:]
+                )
+                for z in lenses
+            ]
+        expected = {"forget": sum(per_layer) / len(per_layer)}
+    else:
+        layers = range(1, N_LAYERS) if cfg.layers is None else cfg.layers
+        expected = {"forget": 1.0}
+        batch_size, pair_sum = mask.shape[0], 0.0
+        for layer in layers:
+            pooled = (acts[layer] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            unit = pooled / pooled.norm(dim=-1, keepdim=True)
+            for b in range(batch_size):
+                for other in range(batch_size):
+                    if b != other:
+                        pair_sum += float((unit[b] @ unit[other]).relu())
+        orth = pair_sum / (batch_size * (batch_size - 1) * len(layers)) * float(mask.sum(1).mean())
+        expected["orth"] = orth
+    expected["retain"] = 0.0
+    assert values.keys() == expected.keys()
+    for key, value in expected.items():
+        assert values[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_registry_names_are_unique_and_lowercase():
+    names = list(METHODS)
+    assert len(names) == len(set(names))
+    for name in names:
+        assert name == name.lower() and name.isidentifier(), name
+    config_classes = [config_cls for config_cls, _ in METHODS.values()]
+    method_classes = [method_cls for _, method_cls in METHODS.values()]
+    assert len(set(config_classes)) == len(config_classes)
+    assert len(set(method_classes)) == len(method_classes)
+    for config_cls, _ in METHODS.values():
+        assert dataclasses.is_dataclass(config_cls)
+
+
+def test_every_method_has_contract_variants():
+    """A new method must list its non-default configs in VARIANTS, defaults first."""
+    assert set(VARIANTS) == set(METHODS)
+    for variants in VARIANTS.values():
+        assert variants[0] == {}
+
+
+@pytest.mark.parametrize("name, kwargs, use_lora", CASES)
+def test_loss_is_finite_scalar_and_grads_reach_only_trainable(
+    name, kwargs, use_lora, tiny_lm, batches, tmp_path
+):
+    model, _ = tiny_lm
+    cfg = _config(name, kwargs, tmp_path, model)
+    method, trainable, base, step = _wire(model, cfg, name, use_lora)
+    names = [term.name for term in method.terms]
+    assert len(names) == len(set(names)) and set(names) - {"retain"}
+
+    terms = _terms(method, step, batches, progress=0.5)
+    total = sum(terms.values())
+    assert total.shape == () and total.dtype == torch.float32
+    assert torch.isfinite(total)
+    torch.autograd.backward(total)
+
+    with_grad = {n for n, p in trainable.named_parameters() if p.grad is not None}
+    requires_grad = {n for n, p in trainable.named_parameters() if p.requires_grad}
+    assert with_grad, "no parameter received a gradient"
+    assert with_grad <= requires_grad
+    if use_lora:
+        assert requires_grad == {n for n, _ in trainable.named_parameters() if "lora_" in n}
+    grads = [p.grad for p in trainable.parameters() if p.grad is not None]
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(p.grad is None for p in base.parameters()), "a gradient reached the base copy"
+
+
+@pytest.mark.parametrize("name, kwargs, use_lora", CASES)
+def test_one_step_lowers_the_forget_objective(name, kwargs, use_lora, tiny_lm, batches, tmp_path):
+    """One small step along the gradient of the forget objective (every term but "retain",
+    unweighted) lowers it on the same batch.
+
+    Random terms (random_ce) are evaluated under the same seed both times, so the same targets.
+    """
+    model, _ = tiny_lm
+    cfg = _config(name, kwargs, tmp_path, model)
+    method, trainable, _, step = _wire(model, cfg, name, use_lora)
+    params = [p for p in trainable.parameters() if p.requires_grad]
+
+    torch.manual_seed(1)
+    before = _forget_objective(method, step, batches)
+    grads = torch.autograd.grad(before, params, allow_unused=True)
+    grad_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
+    assert grad_norm > 0
+    with torch.no_grad():
+        for param, grad in zip(params, grads, strict=True):
+            if grad is not None:
+                param.sub_(1e-2 * grad / grad_norm)  # a step of length 1e-2 in weight space
+        torch.manual_seed(1)
+        after = _forget_objective(method, step, batches)
+    assert float(after) < float(before.detach()), (float(before.detach()), float(after))
+
+
+@pytest.mark.parametrize("name, kwargs", [(n, kw) for n in METHODS for kw in VARIANTS.get(n, [{}])])
+def test_config_round_trips(name, kwargs):
+    """asdict -> constructor gives an equal config; so does the CLI built from its fields."""
+    config_cls = METHODS[name][0]
+    cfg = config_cls(**{k: v for k, v in kwargs.items() if k != "lens_path"})
+    assert config_cls(**dataclasses.asdict(cfg)) == cfg
+
+    args = []
+    for key, value in dataclasses.asdict(cfg).items():
+        if value is None:
+            continue  # None is the default of every optional field
+        args += (
+            [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}", str(value)]
+        )
+    assert simple_parsing.parse(config_cls, args=args) == cfg
+    assert simple_parsing.parse(config_cls, args=[]) == config_cls()
+
+
+def test_config_parse_sets_nondefault_values():
+    config_cls = METHODS["circuit_breakers"][0]
+    cfg = simple_parsing.parse(
+        config_cls, args=["--layers", "0", "1", "--orth_coef", "0", "--retain_loss", "kl"]
+    )
+    assert cfg.layers == [0, 1] and cfg.orth_coef == 0.0 and cfg.retain_loss == "kl"
+    assert cfg.forget_coef == config_cls().forget_coef
+
+
+def test_ramp_values_by_hand():
+    """Ramp(a, b)(p) = a + (b - a) * clamp(p, 0, 1).
+
+    Ramp(0.1, 1.0): p=0 -> 0.1, p=0.5 -> 0.1 + 0.9 * 0.5 = 0.55, p=1 -> 1.0;
+    clamped: p=-1 -> 0.1, p=3 -> 1.0.
+    Ramp(1.0, 0.75): p=0.4 -> 1 - 0.25 * 0.4 = 0.9.
+    """
+    warmup = Ramp(0.1, 1.0)
+    assert warmup(0.0) == pytest.approx(0.1)
+    assert warmup(0.5) == pytest.approx(0.55)
+    assert warmup(1.0) == pytest.approx(1.0)
+    assert warmup(-1.0) == pytest.approx(0.1)
+    assert warmup(3.0) == pytest.approx(1.0)
+    assert Ramp(1.0, 0.75)(0.4) == pytest.approx(0.9)
+    assert Ramp()(0.7) == 1.0
+
+
+def test_named_ramps_match_the_reference_schedules():
+    """ALGORITHMS.md 2.3 at c = 0.2: c = 0.2, 0.1 + 0.9c = 0.28, 1 - 0.25c = 0.95, 1."""
+    assert RAMPS["ramp_up"](0.2) == pytest.approx(0.2)
+    assert RAMPS["retain_warmup"](0.2) == pytest.approx(0.28)
+    assert RAMPS["forget_decay"](0.2) == pytest.approx(0.95)
+    assert RAMPS["constant"](0.2) == 1.0
+
+
+def test_term_weight_is_coef_times_ramp():
+    term = Term("x", lambda acts, forget, retain: acts["x"], coef=4.0, ramp=Ramp(0.5, 1.0))
+    assert term.weight(0.0) == pytest.approx(2.0)
+    assert term.weight(0.5) == pytest.approx(3.0)  # 4 * (0.5 + 0.5 * 0.5)
+
+
+def test_method_configs_choose_their_ramps():
+    lens_cls, cb_cls = METHODS["lens_unlearn"], METHODS["circuit_breakers"]
+    lens = lens_cls[1](lens_cls[0](forget_coef=5.0, retain_coef=2.0), N_LAYERS)
+    weights = {term.name: term.weight(1.0) for term in lens.terms}
+    assert weights == pytest.approx({"forget": 5.0 * 0.75, "retain": 2.0 * 1.0})
+    cb = cb_cls[1](cb_cls[0](orth_coef=10.0, orth_ramp="constant"), N_LAYERS)
+    assert {term.name: term.weight(0.0) for term in cb.terms} == pytest.approx(
+        {"forget": 1.0, "orth": 10.0, "retain": 0.1}
+    )
+    cb_plain = cb_cls[1](cb_cls[0](orth_coef=0.0), N_LAYERS)
+    assert [term.name for term in cb_plain.terms] == ["forget", "retain"]
+
+
+def test_zero_coefficients_drop_terms_and_their_reads():
+    config_cls, method_cls = METHODS["circuit_breakers"]
+    orth_only = method_cls(config_cls(forget_coef=0.0, retain_coef=0.0), N_LAYERS)
+    assert [term.name for term in orth_only.terms] == ["orth"]
+    assert [node.name for node in orth_only.nodes] == ["forget_acts"]
+    config_cls, method_cls = METHODS["lens_unlearn"]
+    forget_only = method_cls(config_cls(retain_coef=0.0), N_LAYERS)
+    assert [term.name for term in forget_only.terms] == ["forget"]
+    assert all(node.batch == FORGET for node in forget_only.nodes)
+
+
+def test_stack_shares_equal_nodes_and_keeps_all_terms():
+    retain = retain_component("kl")
+    forget_term = Term("forget", lambda acts, forget, retain: acts["retain_logits"].mean())
+    combined = stack(retain, Stacked(nodes=retain.nodes[:1], terms=(forget_term,)))
+    assert combined.nodes == retain.nodes  # the shared "retain_logits" read appears once
+    assert [term.name for term in combined.terms] == ["retain", "forget"]
+
+
+def test_stack_rejects_name_clashes():
+    kl, nll = retain_component("kl"), retain_component("nll")
+    with pytest.raises(ValueError, match="loss term named 'retain'"):
+        stack(kl, Stacked(terms=(Term("retain", kl.terms[0].fn),)))
+    other = Stacked(nodes=(dataclasses.replace(kl.nodes[0], batch=FORGET),))
+    with pytest.raises(ValueError, match="different nodes named 'retain_logits'"):
+        stack(nll, other)
+    lens_cls, cb_cls = METHODS["lens_unlearn"], METHODS["circuit_breakers"]
+    with pytest.raises(ValueError, match="loss term named"):
+        stack(lens_cls[1](lens_cls[0](), N_LAYERS), cb_cls[1](cb_cls[0](), N_LAYERS))
+
+
+def test_retain_component_rejects_unknown_kind():
+    with pytest.raises((ValueError, TypeError), match="kl.*nll.*l2"):  # TypeError: jaxtyping
+        retain_component("mse")  # type: ignore[arg-type]

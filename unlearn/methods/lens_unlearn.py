@@ -1,0 +1,112 @@
+"""Tuned-lens unlearning: push every layer's lens prediction on forget tokens to maximum entropy.
+
+Forget term (ALGORITHMS.md section 3.2): for each target layer l, decode the block output h_l
+through the (tuned or logit) lens and take, over the positions that predict selected forget tokens
+(every token, or only value tokens with a value mask), one of
+- "max_entropy": the exact KL(U ‖ p_l) / log V (0 when the prediction is uniform);
+- "random_ce": cross-entropy against uniformly random targets / log V, the reference's unbiased
+  estimate of 1 + KL(U ‖ p_l) / log V;
+- "ce_max": the negative cross-entropy of the lens prediction against the true next token,
+averaged over layers. The last block's output decoded by the final norm and unembedding is the
+model's own output, so layer L−1 needs no translator. Retain term: KL, NLL or L2 (`retain.py`).
+Coefficients follow the reference's shapes: forget 1 − 0.25c, retain c (with a warm start).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor, nn
+
+from interventions import Lens
+from unlearn.lens import SITE, TunedLens
+from unlearn.losses import ce_maximization_loss, max_entropy_loss, random_target_ce_loss
+from unlearn.methods.base import FORGET, RAMPS, TRAINABLE, Node, RampName, Term
+from unlearn.methods.retain import RetainLoss, retain_component
+
+
+@dataclass
+class LensUnlearnConfig:
+    """Tuned-lens unlearning settings."""
+
+    layers: list[int] | None = None
+    """Target layers (block outputs); None means every layer."""
+    lens_path: str | None = None
+    """Directory of a tuned lens (`python -m recipes.tuned_lens`); None uses the logit lens."""
+    forget_loss: Literal["max_entropy", "random_ce", "ce_max"] = "max_entropy"
+    """Forget objective on each layer's lens prediction."""
+    retain_loss: RetainLoss = "kl"
+    """Retain objective."""
+    forget_coef: float = 1.0
+    """Peak forget coefficient."""
+    retain_coef: float = 1.0
+    """Peak retain coefficient."""
+    forget_ramp: RampName = "forget_decay"
+    """Forget coefficient schedule (a key of `unlearn.methods.base.RAMPS`)."""
+    retain_ramp: RampName = "retain_warmup"
+    """Retain coefficient schedule."""
+    retain_layers: list[int] | None = field(default=None)
+    """Layers of the L2 retain loss; None means every layer."""
+
+
+def predicting(token_mask: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+    """Positions whose next token is selected: where a prediction of a selected token is made."""
+    shifted = torch.zeros_like(token_mask, dtype=torch.bool)
+    shifted[:, :-1] = token_mask[:, 1:].bool()
+    return shifted
+
+
+class LensUnlearn:
+    """Nodes and terms of tuned-lens unlearning for a model with `n_layers` blocks."""
+
+    def __init__(
+        self, cfg: LensUnlearnConfig, n_layers: int, device: torch.device | str = "cpu"
+    ) -> None:
+        """Declare the lens reads on the forget batch and the retain term.
+
+        Args:
+            cfg: The settings.
+            n_layers: Number of blocks of the model to unlearn.
+            device: Where the model lives (the tuned lens is moved there).
+        """
+        layers = list(range(n_layers)) if cfg.layers is None else list(cfg.layers)
+        lens = TunedLens.load(cfg.lens_path) if cfg.lens_path is not None else None
+        translators = None
+        if lens is not None:
+            lens.requires_grad_(False).to(device)
+            # A lens has translators for blocks 0..L-2 only: decoding the last block's output is
+            # the model's own output, so that layer takes the identity.
+            translators = {**lens.translator_map(), n_layers - 1: nn.Identity()}
+        self.lens = lens
+        forget_node = Lens(
+            "forget_lens",
+            SITE,
+            layers=layers,
+            translator=translators,
+            model=TRAINABLE,
+            batch=FORGET,
+        )
+        losses = {
+            "max_entropy": lambda z, batch: max_entropy_loss(z, predicting(batch.token_mask)),
+            "random_ce": lambda z, batch: random_target_ce_loss(
+                z, predicting(batch.token_mask), torch.default_generator
+            ),
+            "ce_max": lambda z, batch: ce_maximization_loss(z, batch.input_ids, batch.token_mask),
+        }
+        per_layer = losses[cfg.forget_loss]
+
+        def forget_term(acts, forget, retain):
+            lens_logits = acts["forget_lens"]  # [layer, batch, pos, vocab]
+            return torch.stack([per_layer(z, forget) for z in lens_logits]).mean()
+
+        retain = retain_component(
+            cfg.retain_loss, cfg.retain_layers or "all", cfg.retain_coef, RAMPS[cfg.retain_ramp]
+        )
+        self.nodes: tuple[Node, ...] = (forget_node, *retain.nodes)
+        self.terms: tuple[Term, ...] = (
+            Term("forget", forget_term, cfg.forget_coef, RAMPS[cfg.forget_ramp]),
+            *retain.terms,
+        )

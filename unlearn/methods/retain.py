@@ -1,0 +1,91 @@
+"""Retain terms shared by methods: keep the model's behaviour on retain text (KL, NLL or L2).
+
+`retain_component(kind, layers, coef, ramp)` returns the nodes and the term for one retain loss, so
+every method offers the same three choices with the same, padding-free math (`unlearn.losses`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from interventions import Read
+from unlearn.losses import logit_kl_loss, next_token_nll_loss, representation_l2_loss
+from unlearn.methods.base import BASE, CONSTANT, RETAIN, TRAINABLE, Node, Ramp, Term
+
+RetainLoss = Literal["kl", "nll", "l2"]
+"""KL to the frozen model's logits, next-token NLL, or L2 distance of residual activations."""
+
+
+@dataclass(frozen=True)
+class RetainComponent:
+    """The nodes and the term of one retain loss."""
+
+    nodes: tuple[Node, ...]
+    terms: tuple[Term, ...]
+
+
+def retain_component(
+    kind: RetainLoss,
+    layers: Sequence[int] | str = "all",
+    coef: float = 1.0,
+    ramp: Ramp = CONSTANT,
+) -> RetainComponent:
+    """Nodes and term for a retain loss of the given kind.
+
+    Args:
+        kind: "kl" (per-token KL(p_base ‖ p_θ) on retain tokens), "nll" (next-token loss) or "l2"
+            (mean L2 distance of block outputs at `layers` from the frozen model's).
+        layers: Layers of the L2 loss (ignored otherwise).
+        coef: Peak coefficient.
+        ramp: Coefficient multiplier over training.
+
+    Returns:
+        The nodes and term; none at all when `coef` is 0 (the retain ablation).
+
+    Raises:
+        ValueError: Unknown kind.
+    """
+    if coef == 0:
+        return RetainComponent((), ())
+    if kind == "kl":
+        nodes = (
+            Read("retain_logits", "unembed", model=TRAINABLE, batch=RETAIN),
+            Read("retain_ref_logits", "unembed", model=BASE, batch=RETAIN, grad=False),
+        )
+        term = Term(
+            "retain",
+            lambda acts, forget, retain: logit_kl_loss(
+                acts["retain_logits"], acts["retain_ref_logits"], retain.attention_mask
+            ),
+            coef,
+            ramp,
+        )
+    elif kind == "nll":
+        nodes = (Read("retain_logits", "unembed", model=TRAINABLE, batch=RETAIN),)
+        term = Term(
+            "retain",
+            lambda acts, forget, retain: next_token_nll_loss(
+                acts["retain_logits"], retain.input_ids, retain.attention_mask
+            ),
+            coef,
+            ramp,
+        )
+    elif kind == "l2":
+        site = "blocks.{l}.hook_resid_post"
+        nodes = (
+            Read("retain_acts", site, layers=layers, model=TRAINABLE, batch=RETAIN),
+            Read("retain_ref_acts", site, layers=layers, model=BASE, batch=RETAIN, grad=False),
+        )
+        term = Term(
+            "retain",
+            lambda acts, forget, retain: representation_l2_loss(
+                acts["retain_acts"], acts["retain_ref_acts"], retain.attention_mask
+            ),
+            coef,
+            ramp,
+        )
+    else:
+        raise ValueError(f"unknown retain loss {kind!r}; choose kl, nll or l2")
+    return RetainComponent(nodes, (term,))

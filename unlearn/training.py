@@ -1,0 +1,380 @@
+"""The one training core: paired forget/retain batches -> a method's step graph -> weighted terms.
+
+`train` runs any method (`unlearn.methods`) on a Hugging Face causal LM:
+
+- `train` changes `model` in place (its weights, or peft's adapters injected into it): pass a
+  fresh copy to run again;
+- every optimizer step takes `PairedBatches.at(step, ...)`, split into `grad_accum` micro-batches;
+  each micro-batch runs the method's compiled step graph on the models "trainable" (the model being
+  unlearned) and "base" (a frozen copy of it as it was), then sums the method's terms weighted by
+  their coefficients at the current progress (optimizer step / (num_steps - 1), from 0 at the
+  first step to 1 at the last);
+- full fine-tuning, or LoRA through peft (`LoraSettings`), with AdamW or Muon (Muon on 2-D
+  weights, AdamW on the rest), gradient clipping, linear warmup, fp32 or bf16 autocast;
+- under `torchrun`, each rank takes its share of the global batch and gradients are averaged
+  across ranks before the optimizer step (an explicit all-reduce: a step runs several traces of
+  the model, some stopped early, which DDP's one-forward-one-backward hooks do not allow);
+- metrics go to `metrics.jsonl` and a progress bar; `eval_fn` runs every `eval_every` steps;
+- the trainable parameters, optimizer and step are saved every `save_every` steps, and a rerun
+  with the same `out_dir` resumes from there and ends with the same result; a NaN or infinite loss
+  stops the run with `FloatingPointError`, leaving the last good state on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from interventions import StepGraph
+from unlearn.data import PairedBatches
+from unlearn.methods.base import BASE, FORGET, RETAIN, TRAINABLE, Method
+
+STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+LORA_TARGETS: dict[str, list[str]] = {
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+"""Default LoRA targets per `config.model_type`: every linear layer of a block."""
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """Optimizer and step settings."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """AdamW, or Muon on 2-D weight matrices with AdamW on the rest."""
+    weight_decay: float = 0.0
+    """Weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup_steps: int = 10
+    """Linear warmup steps; constant learning rate after."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (per rank)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Autocast dtype of the forward passes (weights stay fp32)."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters instead of full fine-tuning."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None
+    """Module names; None means every linear layer of a block (`LORA_TARGETS`)."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run returns."""
+
+    model: nn.Module
+    """The trained model (LoRA merged)."""
+    history: list[dict[str, float | int]] = field(default_factory=list)
+    """One record per logged step (losses, coefficients, evaluations; "step" is an int)."""
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size), initializing the process group under torchrun if needed."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    """Wrap `model` with trainable LoRA adapters (peft).
+
+    Raises:
+        ValueError: No default targets for this architecture and none given.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    model_type = getattr(model.config, "model_type", "?")
+    targets = settings.target_modules or LORA_TARGETS.get(model_type)
+    if targets is None:
+        raise ValueError(
+            f"no default LoRA targets for model_type {model_type!r}; pass target_modules "
+            f"(known defaults: {sorted(LORA_TARGETS)})"
+        )
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(targets),
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def make_optimizer(
+    params: list[nn.Parameter], settings: OptimSettings
+) -> list[torch.optim.Optimizer]:
+    """AdamW on everything, or Muon on 2-D weights plus AdamW on the rest."""
+    adamw = dict(lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adamw":
+        return [torch.optim.AdamW(params, **adamw)]
+    matrices = [p for p in params if p.ndim == 2 and p.shape[0] < 50_000]
+    others = [p for p in params if not (p.ndim == 2 and p.shape[0] < 50_000)]
+    optimizers: list[torch.optim.Optimizer] = []
+    if matrices:
+        optimizers.append(
+            torch.optim.Muon(
+                matrices,
+                lr=settings.lr,
+                momentum=0.95,
+                weight_decay=settings.weight_decay,
+                adjust_lr_fn="match_rms_adamw",
+            )
+        )
+    if others:
+        optimizers.append(torch.optim.AdamW(others, **adamw))
+    return optimizers
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_state(out_dir: Path, step: int, model: nn.Module, optimizers: list) -> None:
+    tmp = out_dir / (STATE_FILE + ".tmp")
+    torch.save(
+        {
+            "step": step,
+            "params": {k: v.detach().clone() for k, v in _trainable(model).items()},
+            "optimizers": [opt.state_dict() for opt in optimizers],
+        },
+        tmp,
+    )
+    tmp.replace(out_dir / STATE_FILE)
+
+
+def _load_state(out_dir: Path, model: nn.Module, optimizers: list) -> int:
+    state = torch.load(out_dir / STATE_FILE, weights_only=False)
+    params = _trainable(model)
+    if set(state["params"]) != set(params):
+        raise ValueError(
+            f"{out_dir / STATE_FILE} was saved by a run with other trainable parameters; "
+            "use a fresh --out or the same settings"
+        )
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            params[name].copy_(value)
+    for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
+        opt.load_state_dict(opt_state)
+    return int(state["step"])
+
+
+def _rewind_metrics(path: Path, step: int) -> list[dict[str, Any]]:
+    """Keep the records up to `step` (a resumed run rewrites what came after its state).
+
+    At step 0 nothing is kept: a run that starts over redoes its step-0 evaluation.
+    """
+    if not path.exists():
+        return []
+    records = map(json.loads, path.read_text().splitlines())
+    kept = [r for r in records if r["step"] <= step] if step > 0 else []
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def _micro_step(
+    step_fn: Callable,
+    method: Method,
+    batches: Mapping[str, Any],
+    progress: float,
+    dtype: str,
+    scale: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    autocast = torch.autocast(
+        "cuda" if torch.cuda.is_available() else "cpu",
+        dtype=torch.bfloat16,
+        enabled=dtype == "bfloat16",
+    )
+    with autocast:
+        acts = step_fn(batches)
+        total = torch.zeros((), device=next(iter(acts.values())).device)
+        metrics: dict[str, float] = {}
+        for term in method.terms:
+            value = term.fn(acts, batches[FORGET], batches[RETAIN]).float()
+            weight = term.weight(progress)
+            total = total + weight * value
+            metrics[f"loss/{term.name}"] = float(value.detach())
+            metrics[f"coef/{term.name}"] = weight
+    metrics["loss/total"] = float(total.detach())
+    return total * scale, metrics
+
+
+def train(
+    model: nn.Module,
+    method: Method,
+    batches: PairedBatches,
+    *,
+    num_steps: int,
+    out_dir: str | os.PathLike[str],
+    optim: OptimSettings = OptimSettings(),
+    lora: LoraSettings | None = None,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    eval_every: int = 0,
+    save_every: int = 50,
+    log_every: int = 1,
+    seed: int = 0,
+    desc: str = "unlearn",
+) -> TrainResult:
+    """Unlearn with `method` for `num_steps` optimizer steps; resume if `out_dir` holds a state.
+
+    Args:
+        model: A Hugging Face causal LM (fp32 weights). Its current weights are the frozen "base".
+        method: The nodes and terms to train with.
+        batches: Paired forget/retain batches (global batch size per optimizer step).
+        num_steps: Optimizer steps.
+        out_dir: Where state and `metrics.jsonl` go.
+        optim: Optimizer settings.
+        lora: Train LoRA adapters (merged into the returned model) instead of all weights.
+        eval_fn: Called on the model (rank 0) at step 0, every `eval_every` steps and at the end;
+            its numbers are logged as `eval/<key>`.
+        eval_every: Steps between evaluations (0: only at the start and the end).
+        save_every: Steps between saved states.
+        log_every: Steps between metric records.
+        seed: Seeds torch's generator at every step (seed + step), so random terms such as
+            random-target cross-entropy are reproducible and a resumed run matches.
+        desc: Progress-bar label.
+
+    Raises:
+        FloatingPointError: A loss became NaN or infinite (the last saved state is kept).
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world_size = distributed_context()
+    device = next(model.parameters()).device
+
+    base = copy.deepcopy(model).eval().requires_grad_(False)
+    if lora is not None:
+        torch.manual_seed(seed)  # LoRA's random init: the same on every rank and every rerun
+    trainable = add_lora(model, lora) if lora is not None else model
+    trainable.train()
+    params = list(_trainable(trainable).values())
+    optimizers = make_optimizer(params, optim)
+    step_fn = StepGraph(list(method.nodes)).compile({TRAINABLE: trainable, BASE: base})
+
+    start = _load_state(out, trainable, optimizers) if (out / STATE_FILE).exists() else 0
+    history = _rewind_metrics(out / METRICS_FILE, start) if rank == 0 else []
+
+    def log(record: dict[str, Any]) -> None:
+        history.append(record)
+        with (out / METRICS_FILE).open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def evaluate(step: int) -> None:
+        if eval_fn is None or rank != 0:
+            return
+        trainable.eval()
+        with torch.no_grad():
+            scores = eval_fn(trainable)
+        trainable.train()
+        log({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
+
+    if start == 0:
+        evaluate(0)
+    progress = tqdm(
+        range(start, num_steps),
+        desc=desc,
+        initial=start,
+        total=num_steps,
+        disable=rank != 0,
+        dynamic_ncols=True,
+    )
+    last_saved = start
+    for step in progress:
+        lr = optim.lr * min(1.0, (step + 1) / max(1, optim.warmup_steps))
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for micro in range(optim.grad_accum):
+            # Seeded by the global micro-batch index, so random terms (random-target CE) draw the
+            # same numbers whether the global batch is split over ranks or micro-batches.
+            torch.manual_seed(seed + step * 10_007 + rank * optim.grad_accum + micro)
+            forget, retain = batches.at(step, rank, world_size, micro, optim.grad_accum)
+            loss, metrics = _micro_step(
+                step_fn,
+                method,
+                {FORGET: forget.to(device), RETAIN: retain.to(device)},
+                step / max(1, num_steps - 1),
+                optim.dtype,
+                1.0 / optim.grad_accum,
+            )
+            finite = math.isfinite(metrics["loss/total"])
+            if world_size > 1:  # every rank stops together instead of hanging in all_reduce
+                flag = torch.tensor([0.0 if finite else 1.0])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                finite = flag.item() == 0.0
+            if not finite:
+                raise FloatingPointError(  # steps numbered as in metrics.jsonl (1 = the first)
+                    f"loss is {metrics['loss/total']} at step {step + 1} ({metrics}); the last "
+                    f"good state (step {last_saved}) is in {out}; lower the learning rate or the "
+                    "coefficients"
+                )
+            torch.autograd.backward(loss)
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value / optim.grad_accum
+        if world_size > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+            packed = torch.tensor(list(sums.values()), dtype=torch.float64)
+            dist.all_reduce(packed, op=dist.ReduceOp.AVG)
+            sums = dict(zip(sums, packed.tolist(), strict=True))
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
+            if optim.grad_clip > 0
+            else torch.tensor(float("nan"))
+        )
+        for opt in optimizers:
+            opt.step()
+        done = step + 1
+        if rank == 0 and (done % log_every == 0 or done == num_steps):
+            log({"step": done, "lr": lr, "grad_norm": float(grad_norm), **sums})
+            progress.set_postfix(loss=f"{sums['loss/total']:.3f}")
+        if rank == 0 and (done % save_every == 0 or done == num_steps):
+            _save_state(out, done, trainable, optimizers)
+            last_saved = done
+        if eval_every and done % eval_every == 0 and done != num_steps:
+            evaluate(done)
+        if world_size > 1:
+            dist.barrier()
+    if start < num_steps:
+        evaluate(num_steps)
+    progress.close()
+    trainable.eval()
+    merged = trainable.merge_and_unload() if lora is not None else trainable
+    return TrainResult(model=merged, history=history)
