@@ -30,6 +30,8 @@ from jaxtyping import Bool, Float, Int
 from nnsight import NNsight
 from torch import Tensor
 
+from interventions import position_ids_from_mask
+
 TIE_ATOL = 1e-5
 """Scores within this many nats of the best count as tied."""
 
@@ -50,11 +52,6 @@ class MCResult:
     def as_dict(self) -> dict[str, float]:
         """The summary numbers (without the per-item credit)."""
         return {"acc": self.acc, "acc_norm": self.acc_norm, "n": self.n}
-
-
-def position_ids_from_mask(mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
-    """0-based positions that count only attended tokens (padding gets position 0)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _module_device(model: Any) -> torch.device:

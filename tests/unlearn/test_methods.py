@@ -162,7 +162,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
 @pytest.mark.parametrize(
     "name, kwargs",
     [
-        ("lens_unlearn", {}),
+        ("lens_unlearn", {"forget_loss": "max_entropy"}),
         ("lens_unlearn", {"forget_loss": "ce_max", "retain_loss": "l2"}),
         ("circuit_breakers", {}),
         ("circuit_breakers", {"retain_loss": "kl", "layers": [0, 1]}),

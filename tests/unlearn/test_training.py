@@ -47,6 +47,9 @@ def _one_thread():
 
 
 def _method(**kwargs):
+    """lens_unlearn with the exact max-entropy forget loss unless told otherwise (the hand
+    computations below use it)."""
+    kwargs.setdefault("forget_loss", "max_entropy")
     config_cls, method_cls = METHODS["lens_unlearn"]
     return method_cls(config_cls(**kwargs), N_LAYERS)
 

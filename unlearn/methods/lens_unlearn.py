@@ -36,7 +36,7 @@ class LensUnlearnConfig:
     """Target layers (block outputs); None means every layer."""
     lens_path: str | None = None
     """Directory of a tuned lens (`python -m recipes.tuned_lens`); None uses the logit lens."""
-    forget_loss: Literal["max_entropy", "random_ce", "ce_max"] = "max_entropy"
+    forget_loss: Literal["max_entropy", "random_ce", "ce_max"] = "random_ce"
     """Forget objective on each layer's lens prediction."""
     retain_loss: RetainLoss = "kl"
     """Retain objective."""
