@@ -43,28 +43,13 @@ def tiny_lm():
 
     Independent of the toy world, so evaluation and loading tests do not depend on a build.
     """
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import GPTNeoXForCausalLM
 
-    from unlearn.toyworld.pretrain import train_tokenizer
+    from unlearn.toyworld.pretrain import neox_config, train_tokenizer
 
     tokenizer = train_tokenizer(TINY_TEXTS * 4, vocab_size=300)
-    config = GPTNeoXConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=1,
-        tie_word_embeddings=False,
-        use_parallel_residual=True,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "partial_rotary_factor": 0.25,
-        },
+    config = neox_config(
+        vocab_size=len(tokenizer), d_model=32, n_layers=2, n_heads=2, d_mlp=64, n_ctx=64
     )
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(config).eval()

@@ -21,6 +21,14 @@ SPLIT_STYLES = {
 """Report key -> (legend label, colour)."""
 
 
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_checkpoint_accuracy(report: dict[str, Any], path: str | Path) -> Path:
     """Accuracy over pretraining checkpoints for the unfiltered model and its filtered twin.
 
@@ -58,11 +66,7 @@ def plot_checkpoint_accuracy(report: dict[str, Any], path: str | Path) -> Path:
     axes[1].legend(loc="center left", fontsize=8)
     fig.suptitle("Toy world: what each checkpoint knows")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_training(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -94,11 +98,7 @@ def plot_training(history: list[dict[str, Any]], path: str | Path, title: str = 
     eval_ax.set_ylim(0, 1.02)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_lens_comparison(kl: dict[str, list[float]], path: str | Path) -> Path:
@@ -118,8 +118,4 @@ def plot_lens_comparison(kl: dict[str, list[float]], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

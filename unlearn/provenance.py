@@ -19,28 +19,20 @@ import torch
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=_PACKAGE_DIR, capture_output=True, text=True, check=True, timeout=10
+    ).stdout.strip()
+
+
 def git_sha() -> str:
     """The commit of the checkout this package runs from ("+dirty" if it has local changes).
 
     Returns "unknown" when the package is not inside a git checkout (e.g. installed from a wheel).
     """
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=_PACKAGE_DIR,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=_PACKAGE_DIR,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
+        sha = _git("rev-parse", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return sha + ("+dirty" if dirty else "")

@@ -17,15 +17,6 @@ ID = {word: i for i, word in enumerate(WORDS)}
 BOS, PAD = ID["<s>"], ID["<pad>"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on shared cores they spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     """Whitespace + punctuation split over WORDS: character offsets are the words' positions."""

@@ -40,15 +40,6 @@ from unlearn.training import LoraSettings, add_lora
 N_LAYERS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on shared cores they spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TUNED_LENS = "<tuned lens>"
 """Placeholder for `lens_path`, replaced by a perturbed identity lens saved into tmp_path."""
 

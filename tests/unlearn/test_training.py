@@ -37,15 +37,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 N_LAYERS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on shared cores they spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _method(**kwargs):
     """lens_unlearn with the exact max-entropy forget loss unless told otherwise (the hand
     computations below use it)."""

@@ -74,18 +74,29 @@ def token_stream(tokenizer: Any, texts: Sequence[str]) -> Int[Tensor, " token"]:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def make_model(cfg: ToyWorldConfig, tokenizer: Any) -> GPTNeoXForCausalLM:
-    """A freshly initialized GPT-NeoX (Pythia architecture) of the config's size."""
-    config = GPTNeoXConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.d_model,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        intermediate_size=cfg.d_mlp,
-        max_position_embeddings=cfg.n_ctx,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+def neox_config(
+    *,
+    vocab_size: int,
+    d_model: int,
+    n_layers: int,
+    n_heads: int,
+    d_mlp: int,
+    n_ctx: int,
+    bos_id: int = 0,
+    eos_id: int = 0,
+    pad_id: int = 1,
+) -> GPTNeoXConfig:
+    """A Pythia-style GPT-NeoX config: untied embeddings, parallel residual, 25% rotary dims."""
+    return GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        intermediate_size=d_mlp,
+        max_position_embeddings=n_ctx,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
         tie_word_embeddings=False,
         use_parallel_residual=True,
         rope_parameters={
@@ -93,6 +104,21 @@ def make_model(cfg: ToyWorldConfig, tokenizer: Any) -> GPTNeoXForCausalLM:
             "rope_theta": 10000.0,
             "partial_rotary_factor": 0.25,
         },
+    )
+
+
+def make_model(cfg: ToyWorldConfig, tokenizer: Any) -> GPTNeoXForCausalLM:
+    """A freshly initialized GPT-NeoX (Pythia architecture) of the config's size."""
+    config = neox_config(
+        vocab_size=len(tokenizer),
+        d_model=cfg.d_model,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        d_mlp=cfg.d_mlp,
+        n_ctx=cfg.n_ctx,
+        bos_id=tokenizer.bos_token_id,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(cfg.seed)
     return GPTNeoXForCausalLM(config)
