@@ -21,7 +21,8 @@ SPLIT_STYLES = {
 """Report key -> (legend label, colour)."""
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Write `fig` as a PNG at `path` (creating the folder) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -66,7 +67,7 @@ def plot_checkpoint_accuracy(report: dict[str, Any], path: str | Path) -> Path:
     axes[1].legend(loc="center left", fontsize=8)
     fig.suptitle("Toy world: what each checkpoint knows")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -98,7 +99,7 @@ def plot_training(history: list[dict[str, Any]], path: str | Path, title: str = 
     eval_ax.set_ylim(0, 1.02)
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_lens_comparison(kl: dict[str, list[float]], path: str | Path) -> Path:
@@ -118,4 +119,4 @@ def plot_lens_comparison(kl: dict[str, list[float]], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

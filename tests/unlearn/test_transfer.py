@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+
+from tests.conftest import TINY_TEXTS
+from unlearn.data import tokenize_documents
+from unlearn.models import list_checkpoints
+from unlearn.transfer import (
+    AffineStats,
+    CheckpointScore,
+    fit_affine_maps,
+    select_checkpoint,
+    sweep_checkpoints,
+    write_sweep,
+)
+
+
+def test_select_latest_checkpoint_near_chance():
+    """Chance 0.25 + margin 0.05 -> eligible if forget <= 0.30; the latest eligible is step4."""
+    scores = [CheckpointScore("step0", 0.26), CheckpointScore("step2", 0.31),
+              CheckpointScore("step4", 0.29), CheckpointScore("step8", 0.80)]
+    assert select_checkpoint(scores).revision == "step4"
+    assert select_checkpoint(scores, margin=0.1).revision == "step4"
+    assert select_checkpoint(scores, margin=0.6).revision == "step8"
+    with pytest.raises(ValueError, match="step0: 0.260"):
+        select_checkpoint(scores, margin=0.0)
+
+
+def test_affine_stats_recover_a_known_map():
+    """y = W x + b exactly (no noise, ridge ~0) -> the solution is (W, b); streaming in chunks
+    equals one batch."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    x = torch.randn(200, 4, dtype=torch.float64)
+    y = x @ weight.T + bias
+    streamed, whole = AffineStats(4, 3), AffineStats(4, 3)
+    for chunk in range(0, 200, 37):
+        streamed.update(x[chunk : chunk + 37], y[chunk : chunk + 37])
+    whole.update(x, y)
+    assert streamed.n == 200
+    torch.testing.assert_close(streamed.xx, whole.xx)
+    fitted = streamed.solve(ridge=0.0)
+    torch.testing.assert_close(fitted.weight.double(), weight, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fitted.bias.double(), bias, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no activations"):
+        AffineStats(4, 3).solve()
+
+
+def test_ridge_shrinks_the_weight():
+    torch.manual_seed(0)
+    x = torch.randn(50, 4)
+    y = 2.0 * x
+    free, shrunk = AffineStats(4, 4), AffineStats(4, 4)
+    free.update(x, y)
+    shrunk.update(x, y)
+    assert shrunk.solve(ridge=1.0).weight.norm() < free.solve(ridge=0.0).weight.norm()
+
+
+def test_fit_maps_between_identical_models_is_the_identity(tiny_lm):
+    """Teacher == student -> the affine map is ~identity and both held-out errors ~0."""
+    model, tokenizer = tiny_lm
+    rows = tokenize_documents(tokenizer, [{"text": t} for t in TINY_TEXTS * 3], max_len=32)
+    batches = [rows.batch([i, i + 1]) for i in range(0, 12, 2)]
+    maps, mse = fit_affine_maps(model, model, batches, layers=[0, 1], ridge=1e-6)
+    for layer in (0, 1):
+        assert mse["identity"][layer] == 0.0
+        assert mse["affine"][layer] < 1e-6
+    with pytest.raises(ValueError, match="held-out"):
+        fit_affine_maps(model, model, batches[:1], layers=[0])
+
+
+def test_sweep_and_write_on_tiny_world_checkpoints(tiny_world, tmp_path):
+    source = tiny_world.model_dir("unfiltered")
+    revisions = list_checkpoints(source)[:3]
+    items = tiny_world.items("forget_heldout")[:20]
+    scores = sweep_checkpoints(str(source), revisions, items, tiny_world.items("retain")[:20])
+    assert [s.revision for s in scores] == revisions
+    assert all(0 <= s.forget_acc <= 1 and s.retain_acc is not None for s in scores)
+    chosen = select_checkpoint(scores, margin=1.0)
+    assert chosen == scores[-1]
+    write_sweep(scores, chosen, tmp_path)
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["chosen"] == revisions[-1] and len(saved["scores"]) == 3
+    assert (tmp_path / "sweep.png").stat().st_size > 5_000
+    with pytest.raises(ValueError, match="no checkpoints"):
+        sweep_checkpoints(str(source), [], items)
