@@ -14,6 +14,9 @@ interactively (`interventions.ops`) and on TransformerLens bridges (`interventio
               batch="forget"),
     ]).compile({"trainable": model, "base": frozen_copy})
     out = step({"forget": forget_batch})  # {"acts", "routed", "forget/attention_mask"}
+
+Read-only calls also run on NDIF, another host or nnsight's local simulation: pass
+``remote=True``, a URL or ``"local"`` (`interventions.remote`); training stays local.
 """
 
 from interventions.graph import CompiledStep, StepGraph
@@ -29,6 +32,7 @@ from interventions.nodes import (
     Write,
 )
 from interventions.ops import capture_acts, lens, patch_acts, route
+from interventions.remote import Execution, Remote, RemoteTrainingError
 from interventions.sites import (
     ARCHITECTURES,
     Site,
@@ -45,9 +49,12 @@ __all__ = [
     "DEFAULT_BATCH",
     "DEFAULT_MODEL",
     "CompiledStep",
+    "Execution",
     "Lens",
     "Node",
     "Read",
+    "Remote",
+    "RemoteTrainingError",
     "Route",
     "Site",
     "StepGraph",

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from interventions.nnsight_backend import Edit, Point, as_envoy, forward_kwargs, run_trace
 from interventions.nodes import Lens, Node, Read, Route, Translator, Write
+from interventions.remote import Execution, as_remote, require_local
 from interventions.sites import LayerSpec, ModelInfo, Site, describe_model, resolve_sites
 
 __all__ = ["CompiledStep", "StepGraph"]
@@ -89,8 +90,9 @@ class _Trace:
 class _Decode:
     """The lens half of a `Lens`: translator, final norm and unembedding."""
 
-    norm: nn.Module
-    unembed: nn.Module
+    norm: Envoy
+    """Final norm; an envoy, so that calling it inside a (remote) trace runs the server's."""
+    unembed: Envoy
     translators: list[Translator | None]
     grad: bool | None
 
@@ -165,6 +167,8 @@ class StepGraph:
         models: Mapping[str, nn.Module | Envoy],
         batches: Mapping[str, Any],
         values: Mapping[str, Tensor] | None = None,
+        *,
+        remote: Execution = False,
     ) -> dict[str, Tensor]:
         """Compile and run once (interactive use; compile once for a training loop).
 
@@ -172,11 +176,12 @@ class StepGraph:
             models: As for `compile`.
             batches: As for `CompiledStep.__call__`.
             values: As for `CompiledStep.__call__`.
+            remote: As for `CompiledStep.__call__`.
 
         Returns:
             The named results (see the module docstring).
         """
-        return self.compile(models)(batches, values)
+        return self.compile(models)(batches, values, remote=remote)
 
 
 class CompiledStep:
@@ -279,8 +284,8 @@ class CompiledStep:
                     raise KeyError(f"Lens {node.name!r} has no translator for {site.name}.")
             root = self._envoys[node.model]
             info = self._info(node.model)
-            norm = root.get(info.prefix + info.arch.final_norm)._module
-            unembed = root.get(info.prefix + info.arch.unembed)._module
+            norm = root.get(info.prefix + info.arch.final_norm)
+            unembed = root.get(info.prefix + info.arch.unembed)
             decode = _Decode(norm, unembed, translators, node.grad)
             self._outputs.append(_Output(node.name, keys, node.layers is not None, decode))
 
@@ -372,7 +377,11 @@ class CompiledStep:
         return [info.prefix + block.format(l=layer) for layer in range(last + 1)]
 
     def __call__(
-        self, batches: Mapping[str, Any], values: Mapping[str, Tensor] | None = None
+        self,
+        batches: Mapping[str, Any],
+        values: Mapping[str, Tensor] | None = None,
+        *,
+        remote: Execution = False,
     ) -> dict[str, Tensor]:
         """Run the traces on these batches and return the named results.
 
@@ -380,10 +389,19 @@ class CompiledStep:
             batches: Batch name to token ids, or to a mapping/object with ``input_ids``, optionally
                 ``attention_mask`` and the mask fields that writes name.
             values: Run-time tensors that writes refer to by name.
+            remote: Where the traces run (`interventions.remote`): locally by default, or on NDIF,
+                a host, or nnsight's simulation, for a step that needs no gradient (reads on
+                frozen models, ``grad=False`` reads, or any step under ``torch.no_grad()``).
+                Remote results are detached; lenses are decoded on the server.
+
+        Raises:
+            interventions.remote.RemoteTrainingError: ``remote`` is set and a trace would need
+                gradients (training cannot run remotely).
 
         Returns:
             Results by name, plus ``"{batch}/attention_mask"`` for each batch that has one.
         """
+        where = as_remote(remote)
         store: dict[str, Tensor] = dict(values or {})
         out: dict[str, Tensor] = {}
         for trace in self._order:
@@ -402,14 +420,34 @@ class CompiledStep:
             if missing:
                 raise KeyError(f"No value named {missing[0]!r}: pass it in values=.")
             kwargs = forward_kwargs(trace.info.arch, _field(batch, "input_ids"), attention_mask)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self._needs_grad(trace, store)):
-                run_trace(trace.envoy, kwargs, trace.points, store, stop=self._early_stop)
+            grad = torch.is_grad_enabled() and self._needs_grad(trace, store)
+            if grad:
+                require_local(remote, f"The trace of model {trace.model!r} on {trace.batch!r}")
+            decodes = [] if where is None else self._decodes(trace)
+            with torch.set_grad_enabled(grad):
+                run_trace(
+                    trace.envoy,
+                    kwargs,
+                    trace.points,
+                    store,
+                    stop=self._early_stop,
+                    remote=where,
+                    decodes=decodes,
+                )
         for output in self._outputs:
             tensors = [store[key] for key in output.keys]
-            if output.decode is not None:
+            if output.decode is not None and where is None:
                 tensors = output.decode(tensors)
             out[output.name] = torch.stack(tensors) if output.stacked else tensors[0]
         return out
+
+    def _decodes(self, trace: _Trace) -> list[tuple[list[str], _Decode]]:
+        """The lenses whose reads ``trace`` makes, to decode inside it."""
+        return [
+            (output.keys, output.decode)
+            for output in self._outputs
+            if output.decode is not None and self._producers[output.keys[0]][0] is trace
+        ]
 
     @staticmethod
     def _needs_grad(trace: _Trace, store: Mapping[str, Tensor]) -> bool:

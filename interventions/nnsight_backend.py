@@ -14,16 +14,17 @@ nnsight re-parses trace bodies from source files, so this module must stay a rea
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import torch
 from jaxtyping import Bool, Float, Int
-from nnsight import Envoy, NNsight
+from nnsight import Envoy, NNsight, save
 from nnsight.intervention.tracer import InterleavingTracer
 from torch import Tensor, nn
 
+from interventions.remote import CapturingBackend, Remote, make_backend, wait_for_result
 from interventions.sites import Architecture
 
 __all__ = ["Edit", "Point", "as_envoy", "forward_kwargs", "position_ids_from_mask", "run_trace"]
@@ -156,6 +157,8 @@ def run_trace(
     values: dict[str, Tensor],
     *,
     stop: bool = True,
+    remote: Remote | None = None,
+    decodes: Sequence[tuple[Sequence[str], Callable[[list[Tensor]], list[Tensor]]]] = (),
 ) -> None:
     """Run one forward of ``root`` under nnsight, visiting ``points`` in order.
 
@@ -168,8 +171,14 @@ def run_trace(
         points: Points in forward-pass order, at most one per module input/output.
         values: Inputs to the edits and outputs of the reads; updated in place.
         stop: Stop the forward right after the last point (later layers never run).
+        remote: Run elsewhere (`interventions.remote`). The body then saves its reads, which come
+            back detached and are written into ``values`` after the trace.
+        decodes: ``(keys, fn)`` pairs applied in the trace after the last point:
+            ``values[keys] = fn(values[keys])``. A remote run decodes lenses here, on the server's
+            modules (the client's copy of a hosted model may have no weights).
     """
-    with root.trace(**kwargs) as tracer:
+    backend = None if remote is None else CapturingBackend(make_backend(root, remote))
+    with root.trace(**kwargs, backend=backend) as tracer:
         for point in points:
             if point.skip is not None:
                 point.envoy.skip(values[point.skip].to(point.skip_dtype))
@@ -183,5 +192,16 @@ def run_trace(
                 setattr(point.envoy, point.attr, new)
             for key, detach in point.reads:
                 values[key] = act.detach() if detach else act
+        for keys, decode in decodes:
+            for key, decoded in zip(keys, decode([values[key] for key in keys]), strict=True):
+                values[key] = decoded
+        if remote is not None:  # a remote run returns saved locals by name: "reads"
+            reads = save(  # noqa: F841
+                {key: values[key].detach() for point in points for key, _ in point.reads}
+            )
         if stop:
             cast(InterleavingTracer, tracer).stop()
+    if remote is not None:
+        result = wait_for_result(cast(CapturingBackend, backend), remote)
+        if result is not None:  # a simulated run wrote into ``values`` itself, like a local one
+            values.update(result["reads"])

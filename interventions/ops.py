@@ -11,6 +11,10 @@ optionally ``attention_mask``::
     logits = patch_acts(model, batch, [Write("blocks.1.hook_attn_out", mode="zero")])["unembed"]
     routed = route(trainable, base, batch, "blocks.1.hook_resid_post")
     lens_logits = lens(model, batch, "blocks.{l}.hook_resid_post", layers=[0, 1])
+
+Every function takes ``remote=`` (`interventions.remote`): the same call runs on NDIF
+(``remote=True``), another host (a URL), or nnsight's local simulation (``remote="local"``), as
+long as it needs no gradient; ``grad=True`` with ``remote`` raises `RemoteTrainingError`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import Tensor, nn
 
 from interventions.graph import StepGraph
 from interventions.nodes import DEFAULT_BATCH, DEFAULT_MODEL, Lens, Read, Route, Translator, Write
+from interventions.remote import Execution, require_local
 from interventions.sites import LayerSpec, describe_model, resolve_sites
 
 __all__ = ["capture_acts", "lens", "patch_acts", "route"]
@@ -52,6 +57,7 @@ def capture_acts(
     *,
     layers: LayerSpec | None = None,
     grad: bool = False,
+    remote: Execution = False,
 ) -> dict[str, Tensor]:
     """Read activations at some sites in one forward pass that stops after the last of them.
 
@@ -61,12 +67,15 @@ def capture_acts(
         sites: Site names or ``{l}`` templates (expanded over ``layers``).
         layers: Layer selection for templates.
         grad: Keep the autograd graph (otherwise the results are detached).
+        remote: Where to run (`interventions.remote`); needs ``grad=False``.
 
     Returns:
         Activation by canonical site name (e.g. ``blocks.3.hook_resid_post``).
     """
+    if grad:
+        require_local(remote, "capture_acts(grad=True)")
     graph = StepGraph(_reads(model, sites, layers, grad))
-    return _run(graph, {DEFAULT_MODEL: model}, batch)
+    return _run(graph, {DEFAULT_MODEL: model}, batch, remote)
 
 
 def patch_acts(
@@ -77,6 +86,7 @@ def patch_acts(
     sites: str | Sequence[str] = "unembed",
     layers: LayerSpec | None = None,
     grad: bool = False,
+    remote: Execution = False,
 ) -> dict[str, Tensor]:
     """Run a forward pass with some activations overwritten, and read some sites.
 
@@ -87,13 +97,16 @@ def patch_acts(
         sites: Sites to read (after the writes), by default the logits.
         layers: Layer selection for templates in ``sites``.
         grad: Keep the autograd graph.
+        remote: Where to run (`interventions.remote`); needs ``grad=False``.
 
     Returns:
         Activation by canonical site name.
     """
+    if grad:
+        require_local(remote, "patch_acts(grad=True)")
     bound = [replace(write, model=DEFAULT_MODEL, batch=DEFAULT_BATCH) for write in writes]
     graph = StepGraph([*bound, *_reads(model, sites, layers, grad)])
-    return _run(graph, {DEFAULT_MODEL: model}, batch)
+    return _run(graph, {DEFAULT_MODEL: model}, batch, remote)
 
 
 def route(
@@ -126,6 +139,7 @@ def lens(
     layers: LayerSpec | None = None,
     translator: Translator | Mapping[int, Translator] | None = None,
     grad: bool = False,
+    remote: Execution = False,
 ) -> Float[Tensor, "*layer batch pos d_vocab"]:
     """Decode a site through the final norm and unembedding: the logit lens, or a tuned lens.
 
@@ -136,15 +150,21 @@ def lens(
         layers: Layer selection for a template; the result is stacked along a new first dim.
         translator: Applied first (tuned lens): one callable, or one per layer index.
         grad: Keep the autograd graph.
+        remote: Where to run (`interventions.remote`); needs ``grad=False``. The decoding runs
+            remotely too, and a translator ships with the request.
 
     Returns:
         Lens logits ``[batch pos d_vocab]``, or ``[layer batch pos d_vocab]`` for a template.
     """
+    if grad:
+        require_local(remote, "lens(grad=True)")
     node = Lens("lens", site, layers=layers, translator=translator, grad=grad)
-    return _run(StepGraph([node]), {DEFAULT_MODEL: model}, batch)["lens"]
+    return _run(StepGraph([node]), {DEFAULT_MODEL: model}, batch, remote)["lens"]
 
 
-def _run(graph: StepGraph, models: Mapping[str, Model], batch: Any) -> dict[str, Tensor]:
-    out = graph.run(models, {DEFAULT_BATCH: batch})
+def _run(
+    graph: StepGraph, models: Mapping[str, Model], batch: Any, remote: Execution = False
+) -> dict[str, Tensor]:
+    out = graph.run(models, {DEFAULT_BATCH: batch}, remote=remote)
     out.pop(f"{DEFAULT_BATCH}/attention_mask", None)
     return out

@@ -10,8 +10,9 @@ scores chance rather than whatever the choice order favours.
 Tokenization follows lm-eval: the continuation's tokens are those of `prompt + choice` past the
 tokens of `prompt`. Batches may be padded on either side; positions come from the attention mask,
 so left and right padding give the same scores. Logits are read through an nnsight trace when the
-model is an nnsight wrapper (so the same code can later run remotely), or by calling the module
-otherwise.
+model is an nnsight wrapper or when ``remote=`` asks for a non-local run (NDIF, a host URL, or
+nnsight's ``"local"`` simulation; see `interventions.remote`), or by calling the module otherwise.
+Only the chosen log-probabilities travel back from a remote run, not the logits.
 
 Usage:
     >>> loaded = load_model("path/to/model")
@@ -23,14 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from jaxtyping import Bool, Float, Int
 from nnsight import NNsight
 from torch import Tensor
 
-from interventions import position_ids_from_mask
+from interventions import Execution, as_envoy, position_ids_from_mask
+from interventions.remote import CapturingBackend, as_remote, make_backend, wait_for_result
 
 TIE_ATOL = 1e-5
 """Scores within this many nats of the best count as tied."""
@@ -64,6 +66,8 @@ def target_logprobs(
     model: Any,
     input_ids: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"],
+    *,
+    remote: Execution = False,
 ) -> Float[Tensor, "batch pos"]:
     """Log-probability of each next token: entry [b, t] is log p(input_ids[b, t+1] | ...).
 
@@ -74,14 +78,23 @@ def target_logprobs(
         model: An nnsight-wrapped causal LM (read through a trace) or a plain Hugging Face module.
         input_ids: Token ids, padded on either side.
         attention_mask: 1 for real tokens, 0 for padding.
+        remote: Where to run (`interventions.remote`); a plain module is wrapped for nnsight.
     """
+    where = as_remote(remote)
     position_ids = position_ids_from_mask(attention_mask)
     targets = input_ids[:, 1:].unsqueeze(-1)
     with torch.no_grad():
-        if isinstance(model, NNsight):
-            with model.trace(input_ids, attention_mask=attention_mask, position_ids=position_ids):
-                logits = model.output.logits
+        if isinstance(model, NNsight) or where is not None:
+            envoy = as_envoy(model)
+            backend = None if where is None else CapturingBackend(make_backend(envoy, where))
+            with envoy.trace(
+                input_ids, attention_mask=attention_mask, position_ids=position_ids, backend=backend
+            ):
+                logits = envoy.output.logits
                 picked = logits[:, :-1].float().log_softmax(-1).gather(-1, targets).save()
+            if where is not None:
+                result = wait_for_result(cast(CapturingBackend, backend), where)
+                picked = result["picked"] if result is not None else picked
         else:
             out = model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
@@ -130,6 +143,7 @@ def score_continuations(
     batch_size: int = 256,
     padding_side: Literal["left", "right"] = "right",
     prepend_bos: bool = True,
+    remote: Execution = False,
 ) -> Float[Tensor, " n"]:
     """Summed log-probability of each continuation given its context.
 
@@ -142,6 +156,8 @@ def score_continuations(
         padding_side: Where padding goes; scores do not depend on it.
         prepend_bos: Put the tokenizer's BOS token (or EOS, as GPT-NeoX models use one token for
             both) before each context, as a document boundary.
+        remote: Where the forward passes run (`interventions.remote`); inputs then stay on the
+            CPU, as a hosted model's local copy may have no weights.
 
     Raises:
         ValueError: The inputs are empty or of different lengths, or a score is not finite.
@@ -167,12 +183,13 @@ def score_continuations(
     encoded = [
         _encode_pair(tokenizer, c, x, bos_id) for c, x in zip(contexts, continuations, strict=True)
     ]
-    device = _module_device(model)
+    device = _module_device(model) if as_remote(remote) is None else torch.device("cpu")
     scores = torch.empty(len(encoded), dtype=torch.float64)
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         ids, mask = _pad([row for row, _ in chunk], pad_id, padding_side)
-        logprobs = target_logprobs(model, ids.to(device), mask.to(device)).double().cpu()
+        logprobs = target_logprobs(model, ids.to(device), mask.to(device), remote=remote)
+        logprobs = logprobs.double().cpu()
         # logprobs[b, t] scores token t+1, so the continuation's k tokens ending at the row's last
         # real token are scored at the k positions ending one before it.
         last = mask.shape[1] - 1 if padding_side == "left" else mask.sum(1) - 1
@@ -203,6 +220,7 @@ def evaluate_mc(
     batch_size: int = 256,
     padding_side: Literal["left", "right"] = "right",
     prepend_bos: bool = True,
+    remote: Execution = False,
 ) -> MCResult:
     """Multiple-choice accuracy of `model` on `items`.
 
@@ -214,6 +232,7 @@ def evaluate_mc(
         batch_size: Sequences per forward pass.
         padding_side: Where padding goes; scores do not depend on it.
         prepend_bos: See `score_continuations`.
+        remote: See `score_continuations`.
 
     Raises:
         ValueError: No items, items with differing numbers of choices, or an answer index out of
@@ -240,6 +259,7 @@ def evaluate_mc(
         batch_size=batch_size,
         padding_side=padding_side,
         prepend_bos=prepend_bos,
+        remote=remote,
     ).view(-1, k)
     n_bytes = torch.tensor([len(c.encode()) for c in continuations], dtype=torch.float64)
     credit = _credit(scores, answers)
