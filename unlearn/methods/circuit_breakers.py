@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from interventions import Read
-from unlearn.losses import circuit_breaker_loss, orthogonality_loss
+from unlearn.kernels import orthogonality_loss_fused
+from unlearn.losses import circuit_breaker_loss
 from unlearn.methods.base import BASE, FORGET, RAMPS, TRAINABLE, Node, RampName, Term
 from unlearn.methods.retain import RetainLoss, retain_component
 
@@ -78,7 +79,7 @@ class CircuitBreakers:
             terms.append(
                 Term(
                     "orth",
-                    lambda acts, forget, retain: orthogonality_loss(
+                    lambda acts, forget, retain: orthogonality_loss_fused(
                         acts["forget_acts"], forget.token_mask
                     ),
                     cfg.orth_coef,
