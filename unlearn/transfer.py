@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from interventions import capture_acts
+from interventions import Execution, capture_acts
 from unlearn.data import Batch
 from unlearn.eval import evaluate_mc
 from unlearn.models import load_model
@@ -51,8 +51,12 @@ def sweep_checkpoints(
     *,
     device: str = "cpu",
     dtype: str = "float32",
+    remote: Execution = False,
 ) -> list[CheckpointScore]:
     """Evaluate each checkpoint of `source` (a local model directory or a hub name).
+
+    `remote` runs the evaluation traces elsewhere (see `interventions.Remote`), e.g. on NDIF for
+    a hosted model's revisions.
 
     Raises:
         ValueError: No revisions were given.
@@ -62,9 +66,9 @@ def sweep_checkpoints(
     scores = []
     for revision in revisions:
         loaded = load_model(source, revision=revision, device=device, dtype=dtype)
-        forget = evaluate_mc(loaded.model, loaded.tokenizer, forget_items).acc
+        forget = evaluate_mc(loaded.model, loaded.tokenizer, forget_items, remote=remote).acc
         retain = (
-            evaluate_mc(loaded.model, loaded.tokenizer, retain_items).acc
+            evaluate_mc(loaded.model, loaded.tokenizer, retain_items, remote=remote).acc
             if retain_items is not None
             else None
         )
@@ -175,8 +179,10 @@ class AffineStats:
         return AffineMap(weight=solution[:d].T.float(), bias=solution[d].float())
 
 
-def _tokens(model: nn.Module, batch: Batch, site: str, layers: Sequence[int]) -> list[Tensor]:
-    acts = capture_acts(model, batch, site, layers=list(layers))
+def _tokens(
+    model: nn.Module, batch: Batch, site: str, layers: Sequence[int], remote: Execution
+) -> list[Tensor]:
+    acts = capture_acts(model, batch, site, layers=list(layers), remote=remote)
     mask = batch.attention_mask.bool()
     return [acts[site.format(l=layer)][mask] for layer in layers]
 
@@ -190,8 +196,12 @@ def fit_affine_maps(
     site: str = "blocks.{l}.hook_resid_post",
     ridge: float = 1e-3,
     n_heldout: int = 1,
+    remote: Execution = False,
 ) -> tuple[dict[int, AffineMap], dict[str, dict[int, float]]]:
     """Fit teacher -> student maps per layer on all but the last `n_heldout` batches.
+
+    Only activations are read, so `remote` can run the reads elsewhere (the statistics are
+    accumulated here).
 
     Returns:
         The maps by layer, and {"affine": {layer: mse}, "identity": {layer: mse}} on held-out
@@ -209,8 +219,8 @@ def fit_affine_maps(
         for batch in batches[: len(batches) - n_heldout]:
             for layer, x, y in zip(
                 layers,
-                _tokens(teacher, batch, site, layers),
-                _tokens(student, batch, site, layers),
+                _tokens(teacher, batch, site, layers, remote),
+                _tokens(student, batch, site, layers, remote),
                 strict=True,
             ):
                 stats.setdefault(layer, AffineStats(x.shape[-1], y.shape[-1])).update(x, y)
@@ -219,8 +229,8 @@ def fit_affine_maps(
         for batch in batches[len(batches) - n_heldout :]:
             for layer, x, y in zip(
                 layers,
-                _tokens(teacher, batch, site, layers),
-                _tokens(student, batch, site, layers),
+                _tokens(teacher, batch, site, layers, remote),
+                _tokens(student, batch, site, layers, remote),
                 strict=True,
             ):
                 errors["affine"].setdefault(layer, []).append(

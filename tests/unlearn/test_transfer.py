@@ -18,8 +18,12 @@ from unlearn.transfer import (
 
 def test_select_latest_checkpoint_near_chance():
     """Chance 0.25 + margin 0.05 -> eligible if forget <= 0.30; the latest eligible is step4."""
-    scores = [CheckpointScore("step0", 0.26), CheckpointScore("step2", 0.31),
-              CheckpointScore("step4", 0.29), CheckpointScore("step8", 0.80)]
+    scores = [
+        CheckpointScore("step0", 0.26),
+        CheckpointScore("step2", 0.31),
+        CheckpointScore("step4", 0.29),
+        CheckpointScore("step8", 0.80),
+    ]
     assert select_checkpoint(scores).revision == "step4"
     assert select_checkpoint(scores, margin=0.1).revision == "step4"
     assert select_checkpoint(scores, margin=0.6).revision == "step8"
@@ -85,3 +89,18 @@ def test_sweep_and_write_on_tiny_world_checkpoints(tiny_world, tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 5_000
     with pytest.raises(ValueError, match="no checkpoints"):
         sweep_checkpoints(str(source), [], items)
+
+
+def test_map_statistics_and_sweep_run_through_nnsights_remote_simulation(tiny_lm, tiny_world):
+    """remote="local" serializes each trace as NDIF would; the numbers match local runs."""
+    model, tokenizer = tiny_lm
+    rows = tokenize_documents(tokenizer, [{"text": t} for t in TINY_TEXTS * 2], max_len=32)
+    batches = [rows.batch([i, i + 1]) for i in range(0, 8, 2)]
+    _, local = fit_affine_maps(model, model, batches, layers=[1])
+    _, simulated = fit_affine_maps(model, model, batches, layers=[1], remote="local")
+    assert simulated["affine"][1] == pytest.approx(local["affine"][1], abs=1e-6)
+    source = str(tiny_world.model_dir("unfiltered"))
+    items = tiny_world.items("forget_heldout")[:8]
+    (here,) = sweep_checkpoints(source, ["step8"], items)
+    (there,) = sweep_checkpoints(source, ["step8"], items, remote="local")
+    assert there.forget_acc == pytest.approx(here.forget_acc)
