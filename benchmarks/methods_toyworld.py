@@ -17,11 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from recipes import circuit_breakers, lens_unlearn
+from recipes import checkpoint_transfer, circuit_breakers, lens_unlearn
 from unlearn.provenance import git_sha, machine
 from unlearn.toyworld import build_world, get_preset
 
-RECIPES = {"lens_unlearn": lens_unlearn, "circuit_breakers": circuit_breakers}
+RECIPES = {
+    "lens_unlearn": lens_unlearn,
+    "circuit_breakers": circuit_breakers,
+    "checkpoint_transfer": checkpoint_transfer,
+}
 RESULTS = Path(__file__).parent / "results"
 
 

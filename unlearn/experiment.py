@@ -213,8 +213,11 @@ def run_unlearning(
     out_dir: str | Path,
     config: dict[str, Any],
     name: str = "unlearn",
+    setup: Setup | None = None,
 ) -> dict[str, float]:
     """Evaluate, unlearn with the method `make_method(n_layers)`, evaluate, and write the outputs.
+
+    `setup` reuses a model and data already loaded by `load_setup` (else they are loaded here).
 
     Returns:
         The contents of results.json.
@@ -222,7 +225,7 @@ def run_unlearning(
     out = Path(out_dir).expanduser()
     write_run_info(out, config)
     torch.manual_seed(train_cfg.seed)
-    setup = load_setup(model_cfg, data_cfg)
+    setup = setup if setup is not None else load_setup(model_cfg, data_cfg)
     model, tokenizer = setup.loaded.hf_model.float(), setup.loaded.tokenizer
     method = make_method(model.config.num_hidden_layers)
     headline = data_cfg.eval_template

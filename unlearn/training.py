@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from interventions import StepGraph
 from unlearn.data import PairedBatches
-from unlearn.methods.base import BASE, FORGET, RETAIN, TRAINABLE, Method
+from unlearn.methods.base import BASE, FORGET, RETAIN, TRAINABLE, Method, extra_models
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -282,7 +282,8 @@ def train(
     trainable.train()
     params = list(_trainable(trainable).values())
     optimizers = make_optimizer(params, optim)
-    step_fn = StepGraph(list(method.nodes)).compile({TRAINABLE: trainable, BASE: base})
+    models = {TRAINABLE: trainable, BASE: base, **extra_models(method)}
+    step_fn = StepGraph(list(method.nodes)).compile(models)
 
     start = _load_state(out, trainable, optimizers) if (out / STATE_FILE).exists() else 0
     history = _rewind_metrics(out / METRICS_FILE, start) if rank == 0 else []

@@ -241,3 +241,38 @@ def fit_affine_maps(
         kind: {layer: sum(v) / len(v) for layer, v in per.items()} for kind, per in errors.items()
     }
     return maps, mse
+
+
+def save_maps(maps: dict[int, AffineMap], path: str | Path) -> Path:
+    """Write maps to `path/maps.safetensors` (keys `<layer>.weight`, `<layer>.bias`)."""
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        f"{layer}.{part}": getattr(m, part).contiguous()
+        for layer, m in maps.items()
+        for part in ("weight", "bias")
+    }
+    save_file(tensors, out / "maps.safetensors")
+    return out
+
+
+def load_maps(path: str | Path) -> dict[int, AffineMap]:
+    """Read maps written by `save_maps`.
+
+    Raises:
+        FileNotFoundError: The directory holds no maps.
+    """
+    from safetensors.torch import load_file
+
+    file = Path(path) / "maps.safetensors"
+    if not file.exists():
+        raise FileNotFoundError(
+            f"no maps at {file}; fit them with unlearn.transfer.fit_affine_maps"
+        )
+    tensors = load_file(file)
+    layers = sorted({int(key.split(".")[0]) for key in tensors})
+    return {
+        layer: AffineMap(tensors[f"{layer}.weight"], tensors[f"{layer}.bias"]) for layer in layers
+    }

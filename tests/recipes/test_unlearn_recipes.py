@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from simple_parsing import parse
 
-from recipes import circuit_breakers, lens_unlearn, tuned_lens
+from recipes import checkpoint_transfer, circuit_breakers, lens_unlearn, tuned_lens
 
 
 @pytest.mark.parametrize("recipe", [lens_unlearn, circuit_breakers], ids=lambda r: r.__name__)
@@ -64,7 +64,11 @@ def test_non_toy_model_without_data_is_a_clear_error(tmp_path):
         lens_unlearn.main(cfg)
 
 
-UNLEARNING_RECIPES = {"lens_unlearn": lens_unlearn, "circuit_breakers": circuit_breakers}
+UNLEARNING_RECIPES = {
+    "lens_unlearn": lens_unlearn,
+    "circuit_breakers": circuit_breakers,
+    "checkpoint_transfer": checkpoint_transfer,
+}
 PRESETS = sorted((Path(__file__).parents[2] / "recipes" / "configs").glob("*.yaml"))
 
 
@@ -81,3 +85,45 @@ def test_every_yaml_preset_parses(preset, recipe):
     cfg = parse(recipe.Config, args=["--config_path", str(preset)], add_config_path_arg=True)
     assert cfg.training.num_steps >= 1
     assert len(PRESETS) >= 2
+
+
+def test_checkpoint_transfer_recipe_selects_a_teacher_fits_maps_and_unlearns(tiny_home, tmp_path):
+    out = tmp_path / "ct"
+    cfg = parse(
+        checkpoint_transfer.Config,
+        args=[
+            "--out",
+            str(out),
+            "--world_preset",
+            "tiny",
+            "--num_steps",
+            "2",
+            "--batch_size",
+            "4",
+            "--margin",
+            "1.0",
+            "--map_docs",
+            "40",
+        ],
+        add_config_path_arg=True,
+    )
+    results = checkpoint_transfer.main(cfg)
+    sweep = json.loads((out / "teacher_sweep" / "sweep.json").read_text())
+    # margin 1.0 admits every checkpoint: the latest one before the final is chosen.
+    assert sweep["chosen"] == sweep["scores"][-1]["revision"]
+    assert sweep["chosen"] != "step40" and len(sweep["scores"]) >= 2
+    mse = json.loads((out / "maps" / "heldout_mse.json").read_text())
+    assert set(mse) == {"affine", "identity"} and (out / "maps" / "maps.safetensors").exists()
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["config"]["selected_teacher"] == sweep["chosen"]
+    assert 0.0 <= results["forget_acc"] <= 1.0 and (out / "model" / "config.json").exists()
+
+
+def test_checkpoint_transfer_without_a_near_chance_checkpoint_is_a_clear_error(tiny_home, tmp_path):
+    cfg = parse(
+        checkpoint_transfer.Config,
+        args=["--out", str(tmp_path), "--world_preset", "tiny", "--margin", "-1.0"],
+        add_config_path_arg=True,
+    )
+    with pytest.raises(ValueError, match="no checkpoint has forget accuracy"):
+        checkpoint_transfer.main(cfg)

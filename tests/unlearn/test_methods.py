@@ -34,14 +34,21 @@ from unlearn.methods import (
     Term,
     stack,
 )
+from unlearn.methods.base import extra_models
 from unlearn.methods.retain import retain_component
 from unlearn.training import LoraSettings, add_lora
+from unlearn.transfer import AffineMap, save_maps
 
 N_LAYERS = 2
 
 
 TUNED_LENS = "<tuned lens>"
 """Placeholder for `lens_path`, replaced by a perturbed identity lens saved into tmp_path."""
+
+TEACHER = "<teacher>"
+"""Placeholder for `teacher`, replaced by a perturbed copy of the model saved into tmp_path."""
+MAPS = "<maps>"
+"""Placeholder for `maps_path`, replaced by random affine maps saved into tmp_path."""
 
 VARIANTS: dict[str, list[dict]] = {
     "lens_unlearn": [
@@ -50,6 +57,11 @@ VARIANTS: dict[str, list[dict]] = {
         {"forget_loss": "ce_max", "retain_loss": "l2", "retain_layers": [1]},
         {"lens_path": TUNED_LENS},
         {"retain_coef": 0.0, "forget_ramp": "constant"},
+    ],
+    "checkpoint_transfer": [
+        {"teacher": TEACHER},
+        {"teacher": TEACHER, "maps_path": MAPS, "retain_loss": "l2", "layers": [1]},
+        {"teacher": TEACHER, "retain_coef": 0.0, "forget_ramp": "constant"},
     ],
     "circuit_breakers": [
         {},
@@ -64,7 +76,7 @@ CASES = [
     pytest.param(name, kwargs, False, id=f"{name}-{i}")
     for name in METHODS
     for i, kwargs in enumerate(VARIANTS.get(name, [{}]))
-] + [pytest.param(name, {}, True, id=f"{name}-lora") for name in METHODS]
+] + [pytest.param(name, VARIANTS[name][0], True, id=f"{name}-lora") for name in METHODS]
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +92,26 @@ def batches(tiny_lm):
     return {FORGET: forget_batch, RETAIN: retain_batch}
 
 
-def _config(name: str, kwargs: dict, tmp_path, model):
+def _config(name: str, kwargs: dict, tmp_path, model, tokenizer):
     if kwargs.get("lens_path") == TUNED_LENS:
         lens = TunedLens.for_model(model)
         with torch.no_grad():
             for translator in lens.translators:
                 translator.weight.add_(0.1 * torch.randn_like(translator.weight))
         kwargs = {**kwargs, "lens_path": str(lens.save(tmp_path / "lens"))}
+    if kwargs.get("teacher") == TEACHER:
+        teacher = copy.deepcopy(model)
+        with torch.no_grad():
+            for param in teacher.parameters():
+                param.add_(0.05 * torch.randn_like(param))
+        teacher.save_pretrained(tmp_path / "teacher")
+        tokenizer.save_pretrained(tmp_path / "teacher")
+        kwargs = {**kwargs, "teacher": str(tmp_path / "teacher")}
+    if kwargs.get("maps_path") == MAPS:
+        d = model.config.hidden_size
+        maps = {layer: AffineMap(torch.eye(d) + 0.1 * torch.randn(d, d), 0.1 * torch.randn(d))
+                for layer in range(N_LAYERS)}
+        kwargs = {**kwargs, "maps_path": str(save_maps(maps, tmp_path / "maps"))}
     return METHODS[name][0](**kwargs)
 
 
@@ -108,7 +133,8 @@ def _wire(model, cfg, name: str, use_lora: bool):
         for param_name, param in trainable.named_parameters():
             if param.requires_grad and (not use_lora or "lora_B" in param_name):
                 param.add_(0.02 * torch.randn_like(param))
-    step = StepGraph(list(method.nodes)).compile({TRAINABLE: trainable, BASE: base})
+    models = {TRAINABLE: trainable, BASE: base, **extra_models(method)}
+    step = StepGraph(list(method.nodes)).compile(models)
     return method, trainable, base, step
 
 
@@ -239,18 +265,20 @@ def test_registry_names_are_unique_and_lowercase():
 
 
 def test_every_method_has_contract_variants():
-    """A new method must list its non-default configs in VARIANTS, defaults first."""
+    """A new method must list its non-default configs in VARIANTS, defaults first (apart from
+    the inputs a method cannot default: checkpoint transfer's teacher)."""
     assert set(VARIANTS) == set(METHODS)
-    for variants in VARIANTS.values():
-        assert variants[0] == {}
+    required = {"checkpoint_transfer": {"teacher": TEACHER}}
+    for name, variants in VARIANTS.items():
+        assert variants[0] == required.get(name, {})
 
 
 @pytest.mark.parametrize("name, kwargs, use_lora", CASES)
 def test_loss_is_finite_scalar_and_grads_reach_only_trainable(
     name, kwargs, use_lora, tiny_lm, batches, tmp_path
 ):
-    model, _ = tiny_lm
-    cfg = _config(name, kwargs, tmp_path, model)
+    model, tokenizer = tiny_lm
+    cfg = _config(name, kwargs, tmp_path, model, tokenizer)
     method, trainable, base, step = _wire(model, cfg, name, use_lora)
     names = [term.name for term in method.terms]
     assert len(names) == len(set(names)) and set(names) - {"retain"}
@@ -280,8 +308,8 @@ def test_one_step_lowers_the_forget_objective(name, kwargs, use_lora, tiny_lm, b
 
     Random terms (random_ce) are evaluated under the same seed both times, so the same targets.
     """
-    model, _ = tiny_lm
-    cfg = _config(name, kwargs, tmp_path, model)
+    model, tokenizer = tiny_lm
+    cfg = _config(name, kwargs, tmp_path, model, tokenizer)
     method, trainable, _, step = _wire(model, cfg, name, use_lora)
     params = [p for p in trainable.parameters() if p.requires_grad]
 

@@ -104,3 +104,44 @@ def test_map_statistics_and_sweep_run_through_nnsights_remote_simulation(tiny_lm
     (here,) = sweep_checkpoints(source, ["step8"], items)
     (there,) = sweep_checkpoints(source, ["step8"], items, remote="local")
     assert there.forget_acc == pytest.approx(here.forget_acc)
+
+
+def test_checkpoint_transfer_forget_term_is_masked_mse_to_the_mapped_teacher(tiny_lm, tmp_path):
+    """Layer 0, identity map: L_f = Σ_{b,s} m_bs mean_d (h_teacher − h_model)² / Σ m, with
+    h = HF hidden_states[1] (block 0's output); with a map A: the same with A(h_teacher)."""
+    import copy
+
+    from interventions import StepGraph
+    from unlearn.methods import BASE, FORGET, RETAIN, TRAINABLE, CheckpointTransfer
+    from unlearn.methods import CheckpointTransferConfig as Config
+    from unlearn.methods.base import extra_models
+    from unlearn.transfer import AffineMap, save_maps
+
+    model, tokenizer = tiny_lm
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in teacher.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    rows = tokenize_documents(tokenizer, [{"text": t} for t in TINY_TEXTS], max_len=32)
+    batch = rows.batch([0, 1, 2])
+    with torch.no_grad():
+        h_model = model(batch.input_ids, attention_mask=batch.attention_mask,
+                        output_hidden_states=True).hidden_states[1]
+        h_teacher = teacher(batch.input_ids, attention_mask=batch.attention_mask,
+                            output_hidden_states=True).hidden_states[1]
+    mask = batch.token_mask.float()
+    d = model.config.hidden_size
+    shift = AffineMap(torch.eye(d), torch.full((d,), 0.5))
+    save_maps({0: shift}, tmp_path / "maps")
+    for maps_path, target in ((None, h_teacher), (str(tmp_path / "maps"), h_teacher + 0.5)):
+        method = CheckpointTransfer(Config(teacher=str(tmp_path / "teacher"), maps_path=maps_path,
+                                           layers=[0], retain_coef=0.0), n_layers=2)
+        models = {TRAINABLE: model, BASE: model, **extra_models(method)}
+        acts = StepGraph(list(method.nodes)).compile(models)({FORGET: batch, RETAIN: batch})
+        (term,) = method.terms
+        expected = (((target - h_model) ** 2).mean(-1) * mask).sum() / mask.sum()
+        assert term.fn(acts, batch, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        CheckpointTransfer(Config(), n_layers=2)

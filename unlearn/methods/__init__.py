@@ -17,12 +17,14 @@ from unlearn.methods.base import (
     Term,
     stack,
 )
+from unlearn.methods.checkpoint_transfer import CheckpointTransfer, CheckpointTransferConfig
 from unlearn.methods.circuit_breakers import CircuitBreakers, CircuitBreakersConfig
 from unlearn.methods.lens_unlearn import LensUnlearn, LensUnlearnConfig
 
 METHODS: dict[str, tuple[type, type]] = {
     "lens_unlearn": (LensUnlearnConfig, LensUnlearn),
     "circuit_breakers": (CircuitBreakersConfig, CircuitBreakers),
+    "checkpoint_transfer": (CheckpointTransferConfig, CheckpointTransfer),
 }
 """Every registered method: name -> (config class, method class)."""
 
@@ -33,6 +35,8 @@ __all__ = [
     "RAMPS",
     "RETAIN",
     "TRAINABLE",
+    "CheckpointTransfer",
+    "CheckpointTransferConfig",
     "CircuitBreakers",
     "CircuitBreakersConfig",
     "LensUnlearn",

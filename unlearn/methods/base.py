@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from jaxtyping import Float
 from torch import Tensor
@@ -96,7 +96,11 @@ class Term:
 
 @runtime_checkable
 class Method(Protocol):
-    """The contract every method satisfies (runtime-checkable, for beartype/jaxtyping checks)."""
+    """The contract every method satisfies (runtime-checkable, for beartype/jaxtyping checks).
+
+    A method may also have a `models` attribute: extra frozen models its nodes read, by name
+    (checkpoint transfer's "teacher"); the training core adds them to the step graph.
+    """
 
     @property
     def nodes(self) -> Sequence[Node]:
@@ -115,6 +119,8 @@ class Stacked:
 
     nodes: tuple[Node, ...] = field(default_factory=tuple)
     terms: tuple[Term, ...] = field(default_factory=tuple)
+    models: dict[str, Any] = field(default_factory=dict)
+    """Extra frozen models the nodes read (e.g. a teacher checkpoint)."""
 
 
 def _node_key(node: Node) -> str:
@@ -129,7 +135,12 @@ def stack(*methods: Method) -> Stacked:
     """
     nodes: dict[str, Node] = {}
     terms: dict[str, Term] = {}
+    models: dict[str, Any] = {}
     for method in methods:
+        for name, model in extra_models(method).items():
+            if name in models and models[name] is not model:
+                raise ValueError(f"two methods bring different models named {name!r}")
+            models[name] = model
         for node in method.nodes:
             key = _node_key(node)
             if key in nodes and nodes[key] != node:
@@ -139,4 +150,9 @@ def stack(*methods: Method) -> Stacked:
             if term.name in terms:
                 raise ValueError(f"two methods declare a loss term named {term.name!r}")
             terms[term.name] = term
-    return Stacked(tuple(nodes.values()), tuple(terms.values()))
+    return Stacked(tuple(nodes.values()), tuple(terms.values()), models)
+
+
+def extra_models(method: Method) -> dict[str, Any]:
+    """The frozen models a method brings beyond "trainable" and "base" (an optional attribute)."""
+    return dict(getattr(method, "models", {}))

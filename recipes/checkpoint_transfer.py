@@ -1,0 +1,144 @@
+"""Checkpoint activation transfer: unlearn by pulling forget activations onto an early checkpoint's.
+
+Builds or reuses the toy world, then: sweeps the model's saved training checkpoints on the forget
+items and picks the latest one still within --margin of chance (teacher_sweep/: table and PNG);
+fits a ridge affine map per layer from the teacher's block outputs to the model's on retain text,
+reporting held-out MSE next to the identity map's (maps/); unlearns with the masked MSE between the
+model's forget activations and the mapped teacher's plus a retain term; evaluates; and prints a
+summary table. Outputs as every unlearning recipe (run_info.json, metrics.jsonl, training.png,
+model/, results.json) in --out.
+
+Commands:
+    python -m recipes.checkpoint_transfer --out runs/checkpoint_transfer
+    python -m recipes.checkpoint_transfer --out /tmp/smoke --world_preset tiny --num_steps 2 \
+        --margin 1.0
+    python -m recipes.checkpoint_transfer --out runs/di \
+        --model EleutherAI/deep-ignorance-unfiltered \
+        --teacher EleutherAI/deep-ignorance-pretraining-stage-unfiltered \
+        --teacher_revisions global_step38144 global_step50064 global_step54832 \
+        --forget_data forget.jsonl --retain_data retain.jsonl --eval_items items/
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from simple_parsing import parse
+
+from unlearn.data import tokenize_documents
+from unlearn.experiment import DataConfig, ModelConfig, TrainingConfig, load_setup, run_unlearning
+from unlearn.methods import CheckpointTransfer, CheckpointTransferConfig
+from unlearn.models import list_checkpoints, load_model
+from unlearn.transfer import (
+    fit_affine_maps,
+    save_maps,
+    select_checkpoint,
+    sweep_checkpoints,
+    write_sweep,
+)
+
+
+@dataclass
+class Config:
+    """Checkpoint activation transfer on the toy world (or any causal LM with checkpoints)."""
+
+    out: str = "runs/checkpoint_transfer"
+    """Output directory (rerun the same command to resume training)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=32))
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(num_steps=300, lr=1e-3))
+    method: CheckpointTransferConfig = field(default_factory=CheckpointTransferConfig)
+    teacher_revisions: list[str] | None = None
+    """Checkpoints to sweep, oldest first (default: every saved checkpoint of the model but the
+    last; a hub model needs them listed)."""
+    chance: float = 0.25
+    """Chance accuracy of the forget items."""
+    margin: float = 0.05
+    """The teacher is the latest checkpoint with forget accuracy <= chance + margin."""
+    map_kind: Literal["affine", "identity"] = "affine"
+    """Map teacher activations into the model's basis (ridge affine), or use them as they are."""
+    ridge: float = 1e-3
+    """Ridge penalty of the affine maps (relative to the mean input energy)."""
+    map_docs: int = 640
+    """Retain documents to fit the maps on (the last fifth held out for the MSE report)."""
+
+
+def main(cfg: Config) -> dict[str, float]:
+    """Select a teacher, fit maps, unlearn; return results.json's numbers plus the teacher's."""
+    out = Path(cfg.out).expanduser()
+    setup = load_setup(cfg.model, cfg.data)
+    source = cfg.method.teacher or setup.loaded.source
+    kind = cfg.data.eval_template if "items" not in setup.items else "items"
+    forget_items = [
+        *setup.items[kind].get("forget_attack", []),
+        *setup.items[kind]["forget_heldout"],
+    ]
+    revisions = cfg.teacher_revisions or list_checkpoints(source)[:-1]
+    scores = sweep_checkpoints(
+        source, revisions, forget_items, setup.items[kind]["retain"], device=cfg.model.device
+    )
+    chosen = select_checkpoint(scores, cfg.chance, cfg.margin)
+    write_sweep(scores, chosen, out / "teacher_sweep", chance=cfg.chance)
+
+    maps_path, map_mse = None, {}
+    if cfg.map_kind == "affine":
+        teacher = load_model(source, revision=chosen.revision, device=cfg.model.device).hf_model
+        rows = tokenize_documents(
+            setup.loaded.tokenizer, setup.retain_docs[: cfg.map_docs], cfg.data.max_len
+        )
+        size = cfg.data.batch_size
+        batches = [
+            rows.batch(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)
+        ]
+        layers = cfg.method.layers or list(range(setup.loaded.hf_model.config.num_hidden_layers))
+        maps, map_mse = fit_affine_maps(
+            teacher,
+            setup.loaded.hf_model,
+            batches,
+            layers,
+            ridge=cfg.ridge,
+            n_heldout=max(1, len(batches) // 5),
+        )
+        maps_path = str(save_maps(maps, out / "maps"))
+        (out / "maps" / "heldout_mse.json").write_text(json.dumps(map_mse, indent=2) + "\n")
+    method_cfg = replace(
+        cfg.method, teacher=source, teacher_revision=chosen.revision, maps_path=maps_path
+    )
+    results = run_unlearning(
+        lambda n_layers: CheckpointTransfer(method_cfg, n_layers, device=cfg.model.device),
+        cfg.model,
+        cfg.data,
+        cfg.training,
+        out,
+        {**asdict(cfg), "selected_teacher": chosen.revision},
+        name="checkpoint_transfer",
+        setup=setup,
+    )
+
+    print(
+        f"\nteacher: {chosen.revision} (forget {chosen.forget_acc:.3f}"
+        + (f", retain {chosen.retain_acc:.3f})" if chosen.retain_acc is not None else ")")
+    )
+    if map_mse:
+        print(
+            "held-out map MSE (affine / identity): "
+            + ", ".join(
+                f"L{layer} {map_mse['affine'][layer]:.3f}/{map_mse['identity'][layer]:.3f}"
+                for layer in map_mse["affine"]
+            )
+        )
+    print(f"{'':<10}{'held-out forget':>17}{'attack forget':>15}{'retain':>9}")
+    for label, suffix in (("before", "_before"), ("after", "")):
+        attack = results.get(f"forget_attack_acc{suffix}", float("nan"))
+        print(
+            f"{label:<10}{results[f'forget_acc{suffix}']:>17.3f}{attack:>15.3f}"
+            f"{results[f'retain_acc{suffix}']:>9.3f}"
+        )
+    return {**results, "teacher_forget_acc": chosen.forget_acc}
+
+
+if __name__ == "__main__":
+    main(parse(Config, add_config_path_arg=True))
