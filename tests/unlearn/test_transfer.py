@@ -145,3 +145,24 @@ def test_checkpoint_transfer_forget_term_is_masked_mse_to_the_mapped_teacher(tin
         assert term.fn(acts, batch, batch).item() == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(ValueError, match="needs a teacher"):
         CheckpointTransfer(Config(), n_layers=2)
+
+
+def test_ridge_solution_matches_numpy_lstsq_with_the_same_penalty():
+    """Ridge with penalty λ·s on the weights only (s = mean of diag(XᵀX), bias unpenalized) is the
+    least-squares solution of [X̃; sqrt(λs)·[I 0]] β = [Y; 0], with X̃ = [X, 1]."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5))
+    y = x @ rng.normal(size=(5, 3)) + 0.3 * rng.normal(size=(60, 3)) + 1.0
+    ridge = 0.2
+    stats = AffineStats(5, 3)
+    stats.update(torch.from_numpy(x), torch.from_numpy(y))
+    fitted = stats.solve(ridge=ridge)
+    x1 = np.hstack([x, np.ones((60, 1))])
+    scale = np.mean(np.diag(x1.T @ x1)[:5])
+    penalty_rows = np.hstack([np.sqrt(ridge * scale) * np.eye(5), np.zeros((5, 1))])
+    beta, *_ = np.linalg.lstsq(np.vstack([x1, penalty_rows]), np.vstack([y, np.zeros((5, 3))]),
+                               rcond=None)
+    np.testing.assert_allclose(fitted.weight.numpy(), beta[:5].T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fitted.bias.numpy(), beta[5], rtol=1e-5, atol=1e-6)
