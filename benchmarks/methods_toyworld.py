@@ -53,6 +53,7 @@ def main() -> None:
             "wall_seconds": seconds,
             "train_seconds": results["train_seconds"],
             "num_steps": results["num_steps"],
+            "git_sha": git_sha(),
             "meets_target": results["forget_acc"] <= 0.35
             and results["retain_acc"] >= 0.9 * unfiltered["retain_acc"]
             and seconds <= 300,
@@ -72,18 +73,20 @@ def main() -> None:
     lines = [
         "# Unlearning methods on the default toy world (committed defaults)",
         "",
-        f"Command: `{record['command']}`; git {record['git_sha']}; machine: "
+        f"Command: `{record['command']}` (rows keep the git SHA they were measured at; each row is "
+        "measured alone on an idle machine); last run at git {record['git_sha']}; machine: "
         f"{record['machine']['platform']}, {record['machine']['cpu_threads']} threads.",
         "",
         "| method | held-out forget | attack forget | held-out (seen tmpl) | retain | retain / "
-        "unfiltered | wall s | meets target |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "unfiltered | wall s | meets target | git |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in sorted(record["methods"].items()):
         lines.append(
             f"| {name} | {row['forget_heldout_acc']:.3f} | {row['forget_attack_acc']:.3f} | "
             f"{row['forget_heldout_acc_seen']:.3f} | {row['retain_acc']:.3f} | "
-            f"{row['retain_ratio']:.3f} | {row['wall_seconds']:.0f} | {row['meets_target']} |"
+            f"{row['retain_ratio']:.3f} | {row['wall_seconds']:.0f} | {row['meets_target']} | "
+            f"{row.get('git_sha', '?')[:7]} |"
         )
     lines += [
         "",
