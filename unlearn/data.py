@@ -35,11 +35,17 @@ class Batch:
     """1 for real tokens, 0 for padding."""
     token_mask: Bool[Tensor, "batch pos"]
     """Tokens a per-token loss may use (default: every real token; a subset for keyword masks)."""
+    rows: Int[Tensor, " batch"] | None = None
+    """Document index of each row in its `TokenizedDocuments` (None when built by hand); lets a
+    method look up per-document data such as rewritten-text targets."""
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch on another device."""
         return Batch(
-            self.input_ids.to(device), self.attention_mask.to(device), self.token_mask.to(device)
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.token_mask.to(device),
+            None if self.rows is None else self.rows.to(device),
         )
 
     def __len__(self) -> int:
@@ -76,7 +82,7 @@ class TokenizedDocuments:
             ids[r, :n] = torch.tensor(self.ids[i])
             attention[r, :n] = 1
             token_mask[r, :n] = torch.tensor(self.value_masks[i]) if use_value_mask else True
-        return Batch(ids, attention, token_mask)
+        return Batch(ids, attention, token_mask, torch.tensor(list(rows), dtype=torch.long))
 
 
 def tokenize_documents(

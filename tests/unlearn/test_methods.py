@@ -109,8 +109,10 @@ def _config(name: str, kwargs: dict, tmp_path, model, tokenizer):
         kwargs = {**kwargs, "teacher": str(tmp_path / "teacher")}
     if kwargs.get("maps_path") == MAPS:
         d = model.config.hidden_size
-        maps = {layer: AffineMap(torch.eye(d) + 0.1 * torch.randn(d, d), 0.1 * torch.randn(d))
-                for layer in range(N_LAYERS)}
+        maps = {
+            layer: AffineMap(torch.eye(d) + 0.1 * torch.randn(d, d), 0.1 * torch.randn(d))
+            for layer in range(N_LAYERS)
+        }
         kwargs = {**kwargs, "maps_path": str(save_maps(maps, tmp_path / "maps"))}
     return METHODS[name][0](**kwargs)
 

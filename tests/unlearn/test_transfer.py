@@ -127,17 +127,23 @@ def test_checkpoint_transfer_forget_term_is_masked_mse_to_the_mapped_teacher(tin
     rows = tokenize_documents(tokenizer, [{"text": t} for t in TINY_TEXTS], max_len=32)
     batch = rows.batch([0, 1, 2])
     with torch.no_grad():
-        h_model = model(batch.input_ids, attention_mask=batch.attention_mask,
-                        output_hidden_states=True).hidden_states[1]
-        h_teacher = teacher(batch.input_ids, attention_mask=batch.attention_mask,
-                            output_hidden_states=True).hidden_states[1]
+        h_model = model(
+            batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+        ).hidden_states[1]
+        h_teacher = teacher(
+            batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+        ).hidden_states[1]
     mask = batch.token_mask.float()
     d = model.config.hidden_size
     shift = AffineMap(torch.eye(d), torch.full((d,), 0.5))
     save_maps({0: shift}, tmp_path / "maps")
     for maps_path, target in ((None, h_teacher), (str(tmp_path / "maps"), h_teacher + 0.5)):
-        method = CheckpointTransfer(Config(teacher=str(tmp_path / "teacher"), maps_path=maps_path,
-                                           layers=[0], retain_coef=0.0), n_layers=2)
+        method = CheckpointTransfer(
+            Config(
+                teacher=str(tmp_path / "teacher"), maps_path=maps_path, layers=[0], retain_coef=0.0
+            ),
+            n_layers=2,
+        )
         models = {TRAINABLE: model, BASE: model, **extra_models(method)}
         acts = StepGraph(list(method.nodes)).compile(models)({FORGET: batch, RETAIN: batch})
         (term,) = method.terms
@@ -162,7 +168,8 @@ def test_ridge_solution_matches_numpy_lstsq_with_the_same_penalty():
     x1 = np.hstack([x, np.ones((60, 1))])
     scale = np.mean(np.diag(x1.T @ x1)[:5])
     penalty_rows = np.hstack([np.sqrt(ridge * scale) * np.eye(5), np.zeros((5, 1))])
-    beta, *_ = np.linalg.lstsq(np.vstack([x1, penalty_rows]), np.vstack([y, np.zeros((5, 3))]),
-                               rcond=None)
+    beta, *_ = np.linalg.lstsq(
+        np.vstack([x1, penalty_rows]), np.vstack([y, np.zeros((5, 3))]), rcond=None
+    )
     np.testing.assert_allclose(fitted.weight.numpy(), beta[:5].T, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fitted.bias.numpy(), beta[5], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,122 @@
+"""Rewritten activation transfer: unlearn by pulling forget activations onto a false rewrite's.
+
+Builds or reuses the toy world, tokenizes the forget documents and their rewritten twins (the toy
+world's `forget_rewritten`: the same documents with every value replaced by a fixed false one, or
+--rewritten_data), aligns them token by token, runs the frozen model once over the twins to get
+aligned targets at --layers, then unlearns with the masked MSE between the model's activations on
+the original documents and those targets, plus a retain term; evaluates; and prints a summary
+table. Outputs as every unlearning recipe (run_info.json, metrics.jsonl, training.png, model/,
+results.json) in --out.
+
+Commands:
+    python -m recipes.rewritten_transfer --out runs/rewritten_transfer
+    python -m recipes.rewritten_transfer --out /tmp/smoke --world_preset tiny --num_steps 2
+    python -m recipes.rewritten_transfer --out runs/rw_di \
+        --model EleutherAI/deep-ignorance-unfiltered --forget_data forget.jsonl \
+        --rewritten_data rewritten.jsonl --retain_data retain.jsonl \
+        --eval_items items/ --max_len 1024
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from simple_parsing import parse
+
+from unlearn.data import tokenize_documents
+from unlearn.experiment import (
+    TOYWORLD,
+    DataConfig,
+    ModelConfig,
+    TrainingConfig,
+    load_setup,
+    run_unlearning,
+)
+from unlearn.methods.rewritten_transfer import (
+    RewrittenTransfer,
+    RewrittenTransferConfig,
+    rewritten_targets,
+)
+from unlearn.toyworld import build_world, get_preset
+from unlearn.toyworld.world import read_jsonl
+
+
+@dataclass
+class Config:
+    """Rewritten activation transfer on the toy world (or any causal LM with rewritten docs)."""
+
+    out: str = "runs/rewritten_transfer"
+    """Output directory (rerun the same command to resume training)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=32, use_value_mask=True))
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(num_steps=300, lr=3e-3))
+    method: RewrittenTransferConfig = field(
+        default_factory=lambda: RewrittenTransferConfig(retain_coef=4.0)
+    )
+    rewritten_data: str | None = None
+    """JSON-lines rewritten documents, line i the twin of forget document i; default: the toy
+    world's forget_rewritten."""
+
+    def __post_init__(self) -> None:
+        if self.rewritten_data is None and self.model.model.split(":")[0] != TOYWORLD:
+            raise ValueError(
+                f"model {self.model.model!r} is not the toy world: pass --rewritten_data "
+                "(JSON-lines rewritten twins of the forget documents)"
+            )
+
+
+def main(cfg: Config) -> dict[str, float]:
+    """Align forget documents with their rewrites, precompute targets, unlearn; return results."""
+    out = Path(cfg.out).expanduser()
+    setup = load_setup(cfg.model, cfg.data)
+    if cfg.rewritten_data is not None:
+        rewritten_docs = list(read_jsonl(Path(cfg.rewritten_data).expanduser()))
+    else:
+        world = build_world(
+            get_preset(cfg.model.world_preset, seed=cfg.model.world_seed),
+            preset=cfg.model.world_preset,
+        )
+        rewritten_docs = world.corpus("forget_rewritten")
+    rewritten_docs = rewritten_docs[: len(setup.forget_docs)]
+    for original, rewritten in zip(setup.forget_docs, rewritten_docs, strict=False):
+        if "id" in original and "id" in rewritten and original["id"] not in rewritten["id"]:
+            raise ValueError(
+                f"rewritten document {rewritten['id']!r} is not the twin of {original['id']!r}: "
+                "line i of the rewritten data must rewrite forget document i"
+            )
+
+    model, tokenizer = setup.loaded.hf_model.float(), setup.loaded.tokenizer
+    n_layers = model.config.num_hidden_layers
+    layers = list(range(n_layers)) if cfg.method.layers is None else cfg.method.layers
+    # The same tokenization as run_unlearning's forget rows, so Batch.rows index these targets.
+    targets = rewritten_targets(
+        model,
+        tokenize_documents(tokenizer, setup.forget_docs, cfg.data.max_len),
+        tokenize_documents(tokenizer, rewritten_docs, cfg.data.max_len),
+        layers,
+        batch_size=cfg.data.batch_size,
+    )
+    results = run_unlearning(
+        lambda n: RewrittenTransfer(cfg.method, n, targets),
+        cfg.model,
+        cfg.data,
+        cfg.training,
+        out,
+        asdict(cfg),
+        name="rewritten_transfer",
+        setup=setup,
+    )
+
+    print(f"{'':<10}{'held-out forget':>17}{'attack forget':>15}{'retain':>9}")
+    for label, suffix in (("before", "_before"), ("after", "")):
+        attack = results.get(f"forget_attack_acc{suffix}", float("nan"))
+        print(
+            f"{label:<10}{results[f'forget_acc{suffix}']:>17.3f}{attack:>15.3f}"
+            f"{results[f'retain_acc{suffix}']:>9.3f}"
+        )
+    return results
+
+
+if __name__ == "__main__":
+    main(parse(Config, add_config_path_arg=True))
