@@ -34,7 +34,6 @@ from unlearn.experiment import DataConfig, ModelConfig, TrainingConfig, evaluate
 from unlearn.methods.sequential import SequentialConfig, run_sequential
 from unlearn.plots import plot_training
 from unlearn.provenance import write_run_info
-from unlearn.training import LoraSettings, OptimSettings
 
 
 @dataclass
@@ -83,18 +82,8 @@ def main(cfg: Config) -> dict[str, float]:
         batches,
         steps_per_layer=train_cfg.num_steps,
         out_dir=out,
-        optim=OptimSettings(
-            lr=train_cfg.lr,
-            optimizer=train_cfg.optimizer,
-            weight_decay=train_cfg.weight_decay,
-            warmup_steps=train_cfg.warmup_steps,
-            grad_clip=train_cfg.grad_clip,
-            grad_accum=train_cfg.grad_accum,
-            dtype=train_cfg.precision,
-        ),
-        lora=LoraSettings(rank=train_cfg.lora_rank, alpha=train_cfg.lora_alpha)
-        if train_cfg.lora_rank
-        else None,
+        optim=train_cfg.optim_settings(),
+        lora=train_cfg.lora_settings(),
         eval_fn=lambda m: evaluate(m, tokenizer, eval_items, headline),
         eval_every=train_cfg.eval_every,
         save_every=train_cfg.save_every,

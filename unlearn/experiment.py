@@ -116,6 +116,22 @@ class TrainingConfig:
     seed: int = 0
     """Seed of data order and random loss targets."""
 
+    def optim_settings(self) -> OptimSettings:
+        """The optimizer settings `unlearn.training.train` takes."""
+        return OptimSettings(
+            lr=self.lr,
+            optimizer=self.optimizer,
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup_steps,
+            grad_clip=self.grad_clip,
+            grad_accum=self.grad_accum,
+            dtype=self.precision,
+        )
+
+    def lora_settings(self) -> LoraSettings | None:
+        """LoRA settings, or None for full fine-tuning (`lora_rank` 0)."""
+        return LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha) if self.lora_rank else None
+
 
 @dataclass
 class Setup:
@@ -250,18 +266,8 @@ def run_unlearning(
         batches,
         num_steps=train_cfg.num_steps,
         out_dir=out,
-        optim=OptimSettings(
-            lr=train_cfg.lr,
-            optimizer=train_cfg.optimizer,
-            weight_decay=train_cfg.weight_decay,
-            warmup_steps=train_cfg.warmup_steps,
-            grad_clip=train_cfg.grad_clip,
-            grad_accum=train_cfg.grad_accum,
-            dtype=train_cfg.precision,
-        ),
-        lora=LoraSettings(rank=train_cfg.lora_rank, alpha=train_cfg.lora_alpha)
-        if train_cfg.lora_rank
-        else None,
+        optim=train_cfg.optim_settings(),
+        lora=train_cfg.lora_settings(),
         eval_fn=lambda m: evaluate(m, tokenizer, eval_items, headline),
         eval_every=train_cfg.eval_every,
         save_every=train_cfg.save_every,
