@@ -35,7 +35,7 @@ from unlearn.models import LoadedModel, load_model
 from unlearn.plots import plot_training
 from unlearn.provenance import write_run_info
 from unlearn.toyworld import MODEL_NAMES, build_world, get_preset
-from unlearn.toyworld.world import read_jsonl
+from unlearn.toyworld.world import ToyWorld, read_jsonl
 from unlearn.training import LoraSettings, OptimSettings, train
 
 TOYWORLD = "toyworld"
@@ -99,6 +99,8 @@ class TrainingConfig:
     """Weight decay."""
     warmup_steps: int = 10
     """Linear warmup steps."""
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning rate after warmup: constant, or a linear or cosine decay to 0."""
     grad_clip: float = 1.0
     """Gradient-norm clip (0 disables)."""
     grad_accum: int = 1
@@ -123,6 +125,7 @@ class TrainingConfig:
             optimizer=self.optimizer,
             weight_decay=self.weight_decay,
             warmup_steps=self.warmup_steps,
+            schedule=self.schedule,
             grad_clip=self.grad_clip,
             grad_accum=self.grad_accum,
             dtype=self.precision,
@@ -142,6 +145,8 @@ class Setup:
     retain_docs: list[dict[str, Any]]
     items: dict[str, dict[str, list[dict[str, Any]]]]
     """Template kind ("reserved"/"seen"/"items") -> split -> items."""
+    world: ToyWorld | None = None
+    """The toy world the data came from (None for user-supplied data)."""
 
 
 def _read_docs(path: str, what: str) -> list[dict[str, Any]]:
@@ -151,8 +156,11 @@ def _read_docs(path: str, what: str) -> list[dict[str, Any]]:
     return docs
 
 
-def load_setup(model_cfg: ModelConfig, data_cfg: DataConfig) -> Setup:
+def load_setup(model_cfg: ModelConfig, data_cfg: DataConfig, weights: str | None = None) -> Setup:
     """Load the model and the data the configs name (building the toy world if needed).
+
+    `weights` loads another model directory (e.g. an unlearned model) with the data that
+    `model_cfg` implies: the toy world's for a toy-world config.
 
     Raises:
         ValueError: A non-toy model without forget/retain data or evaluation items.
@@ -179,7 +187,10 @@ def load_setup(model_cfg: ModelConfig, data_cfg: DataConfig) -> Setup:
             "--eval_items (JSON-lines documents and a directory of <split>.jsonl items)"
         )
     loaded = load_model(
-        source, revision=model_cfg.revision, dtype=model_cfg.dtype, device=model_cfg.device
+        weights or source,
+        revision=None if weights else model_cfg.revision,
+        dtype=model_cfg.dtype,
+        device=model_cfg.device,
     )
     forget = (
         _read_docs(data_cfg.forget_data, "forget")
@@ -202,7 +213,7 @@ def load_setup(model_cfg: ModelConfig, data_cfg: DataConfig) -> Setup:
         items = {"items": splits}
     else:
         items = {kind: world.items_by_split(kind) for kind in ("reserved", "seen")}  # type: ignore[union-attr]
-    return Setup(loaded, forget, retain, items)
+    return Setup(loaded, forget, retain, items, world)
 
 
 def evaluate(

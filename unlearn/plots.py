@@ -120,3 +120,57 @@ def plot_lens_comparison(kl: dict[str, list[float]], path: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+CONTROL_STYLES = {
+    "unfiltered (attacked)": {"color": "black", "linestyle": "-", "marker": "."},
+    "filtered twin (attacked)": {"color": "tab:gray", "linestyle": "--", "marker": "."},
+    "benign fine-tune": {"color": "tab:green", "linestyle": ":", "marker": "."},
+}
+"""Line styles of the control curves in recovery plots (other curves get the colour cycle)."""
+
+
+def plot_recovery(
+    curves: dict[str, list[dict[str, Any]]],
+    path: str | Path,
+    title: str = "",
+    chance: float = 0.25,
+    original_level: float | None = None,
+) -> Path:
+    """Held-out forget accuracy (left) and retain accuracy (right) over tamper-attack steps.
+
+    Args:
+        curves: Label -> tamper records ({"step", "forget_acc", "retain_acc", ...}). Labels in
+            `CONTROL_STYLES` are drawn as controls.
+        path: Where to write the PNG.
+        title: Figure title (the attack's hyperparameters).
+        chance: Chance accuracy (a dotted line).
+        original_level: The unfiltered model's held-out forget accuracy before any attack (a
+            dashed line), if known.
+    """
+    fig, (forget_ax, retain_ax) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    for label, records in curves.items():
+        style = CONTROL_STYLES.get(label, {"marker": "o", "markersize": 3})
+        steps = [r["step"] for r in records]
+        forget_ax.plot(steps, [r["forget_acc"] for r in records], label=label, **style)
+        retain_ax.plot(steps, [r["retain_acc"] for r in records], label=label, **style)
+    for ax in (forget_ax, retain_ax):
+        ax.axhline(chance, color="green", linestyle=":", linewidth=1, label=f"chance {chance:.0%}")
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlabel("attack step")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    if original_level is not None:
+        forget_ax.axhline(
+            original_level,
+            color="red",
+            linestyle="--",
+            linewidth=1,
+            label=f"unfiltered model {original_level:.1%}",
+        )
+    forget_ax.set_ylabel("held-out forget accuracy")
+    retain_ax.set_ylabel("retain accuracy")
+    forget_ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -26,7 +26,7 @@ import copy
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -66,7 +66,9 @@ class OptimSettings:
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
     warmup_steps: int = 10
-    """Linear warmup steps; constant learning rate after."""
+    """Linear warmup steps."""
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning rate after warmup: constant, or decaying to 0 at the last step (linear, cosine)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     grad_accum: int = 1
@@ -157,6 +159,29 @@ def make_optimizer(
     return optimizers
 
 
+def learning_rate(settings: OptimSettings, step: int, num_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `num_steps`.
+
+    Linear warmup over `warmup_steps` (step s gets (s + 1) / warmup of the peak), then the
+    schedule: constant, or a linear or cosine decay from the peak at the end of warmup to 0.
+    """
+    warm = min(1.0, (step + 1) / max(1, settings.warmup_steps))
+    if settings.schedule == "constant" or step < settings.warmup_steps:
+        return settings.lr * warm
+    span = max(1, num_steps - settings.warmup_steps)
+    done = (step - settings.warmup_steps) / span
+    if settings.schedule == "linear":
+        return settings.lr * (1.0 - done)
+    if settings.schedule == "cosine":
+        return settings.lr * 0.5 * (1.0 + math.cos(math.pi * done))
+    raise ValueError(f"unknown schedule {settings.schedule!r}; choose constant, linear or cosine")
+
+
+def _uses_base(method: Method) -> bool:
+    names = ((getattr(n, "model", None), getattr(n, "target", None)) for n in method.nodes)
+    return any(BASE in pair for pair in names)
+
+
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -241,6 +266,7 @@ def train(
     lora: LoraSettings | None = None,
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     eval_every: int = 0,
+    eval_steps: Collection[int] = (),
     save_every: int = 50,
     log_every: int = 1,
     seed: int = 0,
@@ -259,6 +285,7 @@ def train(
         eval_fn: Called on the model (rank 0) at step 0, every `eval_every` steps and at the end;
             its numbers are logged as `eval/<key>`.
         eval_every: Steps between evaluations (0: only at the start and the end).
+        eval_steps: Further steps to evaluate at (e.g. the early steps of a tamper attack).
         save_every: Steps between saved states.
         log_every: Steps between metric records.
         seed: Seeds torch's generator at every step (seed + step), so random terms such as
@@ -275,14 +302,16 @@ def train(
     rank, world_size = distributed_context()
     device = next(model.parameters()).device
 
-    base = copy.deepcopy(model).eval().requires_grad_(False)
+    # The frozen original costs a model's memory: copied only for methods that read it.
+    base = copy.deepcopy(model).eval().requires_grad_(False) if _uses_base(method) else None
     if lora is not None:
         torch.manual_seed(seed)  # LoRA's random init: the same on every rank and every rerun
     trainable = add_lora(model, lora) if lora is not None else model
     trainable.train()
     params = list(_trainable(trainable).values())
     optimizers = make_optimizer(params, optim)
-    models = {TRAINABLE: trainable, BASE: base, **extra_models(method)}
+    models = {TRAINABLE: trainable, **({BASE: base} if base is not None else {})}
+    models.update(extra_models(method))
     step_fn = StepGraph(list(method.nodes)).compile(models)
 
     start = _load_state(out, trainable, optimizers) if (out / STATE_FILE).exists() else 0
@@ -314,7 +343,7 @@ def train(
     )
     last_saved = start
     for step in progress:
-        lr = optim.lr * min(1.0, (step + 1) / max(1, optim.warmup_steps))
+        lr = learning_rate(optim, step, num_steps)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -366,15 +395,13 @@ def train(
         if rank == 0 and (done % log_every == 0 or done == num_steps):
             log({"step": done, "lr": lr, "grad_norm": float(grad_norm), **sums})
             progress.set_postfix(loss=f"{sums['loss/total']:.3f}")
+        if done == num_steps or (eval_every and done % eval_every == 0) or done in eval_steps:
+            evaluate(done)  # before saving: a run killed in between redoes this evaluation
         if rank == 0 and (done % save_every == 0 or done == num_steps):
             _save_state(out, done, trainable, optimizers)
             last_saved = done
-        if eval_every and done % eval_every == 0 and done != num_steps:
-            evaluate(done)
         if world_size > 1:
             dist.barrier()
-    if start < num_steps:
-        evaluate(num_steps)
     progress.close()
     trainable.eval()
     merged = trainable.merge_and_unload() if lora is not None else trainable
