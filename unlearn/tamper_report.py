@@ -149,6 +149,7 @@ def attack_report(
     *,
     label: str = "attacked model",
     controls: bool = True,
+    benign: bool = True,
     weights: str | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
@@ -159,7 +160,8 @@ def attack_report(
         settings: The attack.
         out_dir: Output directory (a rerun resumes the attack and reuses finished controls).
         label: Legend label of the attacked model.
-        controls: Run the controls (toy world only; the benign control also needs `weights`).
+        controls: Run the unfiltered and filtered controls (toy world only).
+        benign: With `controls`, also run the benign fine-tune of the model.
         weights: Where the attacked model's weights can be reloaded for the benign control
             (default: the loaded model's source).
         device: Device of the control models.
@@ -173,7 +175,7 @@ def attack_report(
     if controls and setup.world is not None:
         control_curves[UNFILTERED] = _control(setup.world, "unfiltered", setup, settings, device)
         control_curves[FILTERED] = _control(setup.world, "filtered", setup, settings, device)
-        if settings.data == "forget":
+        if benign and settings.data == "forget":
             fresh = load_model(weights or setup.loaded.source, device=device)
             control_curves[BENIGN], _ = attack(
                 fresh.hf_model.float(),

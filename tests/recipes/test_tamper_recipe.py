@@ -68,3 +68,54 @@ def test_plot_only_of_a_file_without_records_fails(tmp_path):
     empty.write_text(json.dumps({"settings": {}, "records": []}))
     with pytest.raises(ValueError, match="no tamper records"):
         tamper.main(parse(tamper.Config, args=["--out", str(tmp_path), "--plot_only", str(empty)]))
+
+
+def test_retain_ablation_runs_both_and_attacks_them(tiny_home, tmp_path):
+    from recipes import retain_ablation
+
+    out = tmp_path / "ablation"
+    flags = "--world_preset tiny --num_steps 2 --batch_size 4 --eval_every 1"
+    cfg = retain_ablation.Config(
+        method="lens_unlearn", out=str(out), unlearn_args=flags, num_steps=2, device="cpu"
+    )
+    rows = retain_ablation.main(cfg)["rows"]
+    assert [r["model"] for r in rows] == [
+        "lens_unlearn",
+        "lens_unlearn, retain 0",
+        "unfiltered (attacked)",
+        "filtered twin (attacked)",
+    ]
+    with_retain = json.loads((out / "with_retain" / "run_info.json").read_text())
+    without = json.loads((out / "retain_0" / "run_info.json").read_text())
+    assert with_retain["config"]["method"]["retain_coef"] == 1.0
+    assert without["config"]["method"]["retain_coef"] == 0.0
+    # Step 0 of each attack is the unlearned model as results.json reports it.
+    for subdir, r in zip(("with_retain", "retain_0"), rows, strict=False):
+        results = json.loads((out / subdir / "results.json").read_text())
+        assert r["forget_acc"] == pytest.approx(results["forget_acc"])
+        assert r["retain_acc"] == pytest.approx(results["retain_acc"])
+    assert (out / "ablation.png").exists()
+    table = (out / "ablation.md").read_text()
+    assert table.count("\n| ") == 5  # header + 4 rows
+
+
+def test_leaderboard_smoke(tiny_home, tmp_path):
+    from benchmarks import leaderboard
+
+    cfg = leaderboard.Config(
+        methods=["lens_unlearn"],
+        world_preset="tiny",
+        unlearn_args="--num_steps 2 --batch_size 4",
+        num_steps=2,
+        out=str(tmp_path / "runs"),
+        results=str(tmp_path / "results"),
+        device="cpu",
+    )
+    payload = leaderboard.main(cfg)
+    assert [r["model"] for r in payload["rows"]] == ["unfiltered", "filtered twin", "lens_unlearn"]
+    assert payload["rows"][2]["unlearn_seconds"] > 0
+    on_disk = json.loads((tmp_path / "results" / "leaderboard.json").read_text())
+    assert on_disk["rows"] == payload["rows"]
+    assert (tmp_path / "results" / "leaderboard.png").exists()
+    with pytest.raises(ValueError, match="unknown methods"):
+        leaderboard.main(leaderboard.Config(methods=["nope"]))
