@@ -2,14 +2,17 @@
 
 Builds or reuses the toy world, then: sweeps the model's saved training checkpoints on the forget
 items and picks the latest one still within --margin of chance (teacher_sweep/: table and PNG);
-fits a ridge affine map per layer from the teacher's block outputs to the model's on retain text,
-reporting held-out MSE next to the identity map's (maps/); unlearns with the masked MSE between the
-model's forget activations and the mapped teacher's plus a retain term; evaluates; and prints a
-summary table. Outputs as every unlearning recipe (run_info.json, metrics.jsonl, training.png,
-model/, results.json) in --out.
+fits a map per layer from the teacher's block outputs to the model's on retain text (--map_kind:
+ridge "affine", or "svcca": reduce each side by SVD to --svcca_variance of its variance, then CCA),
+reporting held-out MSE of every fitted kind next to the identity map's (maps/heldout_mse.json;
+svcca also writes kept dimensions and canonical correlations to maps/svcca.json); unlearns with the
+masked MSE between the model's forget activations and the mapped teacher's plus a retain term;
+evaluates; and prints a summary table. Outputs as every unlearning recipe (run_info.json,
+metrics.jsonl, training.png, model/, results.json) in --out.
 
 Commands:
     python -m recipes.checkpoint_transfer --out runs/checkpoint_transfer
+    python -m recipes.checkpoint_transfer --out runs/ct_svcca --map_kind svcca --svcca_variance 0.99
     python -m recipes.checkpoint_transfer --out /tmp/smoke --world_preset tiny --num_steps 2 \
         --margin 1.0
     python -m recipes.checkpoint_transfer --out runs/di \
@@ -58,12 +61,23 @@ class Config:
     """Chance accuracy of the forget items."""
     margin: float = 0.05
     """The teacher is the latest checkpoint with forget accuracy <= chance + margin."""
-    map_kind: Literal["affine", "identity"] = "affine"
-    """Map teacher activations into the model's basis (ridge affine), or use them as they are."""
+    map_kind: Literal["affine", "svcca", "identity"] = "affine"
+    """Map teacher activations into the model's basis by ridge regression ("affine") or through
+    SVCCA ("svcca"; the ridge map is fitted too, as a baseline in the MSE report), or use them as
+    they are ("identity")."""
     ridge: float = 1e-3
     """Ridge penalty of the affine maps (relative to the mean input energy)."""
+    svcca_variance: float = 0.99
+    """Share of each side's variance that SVCCA keeps before CCA, in (0, 1]."""
     map_docs: int = 640
     """Retain documents to fit the maps on (the last fifth held out for the MSE report)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.svcca_variance <= 1.0:
+            raise ValueError(
+                f"--svcca_variance must be in (0, 1] (a share of variance), got "
+                f"{self.svcca_variance}"
+            )
 
 
 def main(cfg: Config) -> dict[str, float]:
@@ -83,8 +97,8 @@ def main(cfg: Config) -> dict[str, float]:
     chosen = select_checkpoint(scores, cfg.chance, cfg.margin)
     write_sweep(scores, chosen, out / "teacher_sweep", chance=cfg.chance)
 
-    maps_path, map_mse = None, {}
-    if cfg.map_kind == "affine":
+    maps_path, fitted = None, None
+    if cfg.map_kind != "identity":
         teacher = load_model(source, revision=chosen.revision, device=cfg.model.device).hf_model
         rows = tokenize_documents(
             setup.loaded.tokenizer, setup.retain_docs[: cfg.map_docs], cfg.data.max_len
@@ -94,16 +108,32 @@ def main(cfg: Config) -> dict[str, float]:
             rows.batch(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)
         ]
         layers = cfg.method.layers or list(range(setup.loaded.hf_model.config.num_hidden_layers))
-        maps, map_mse = fit_affine_maps(
+        fitted = fit_affine_maps(
             teacher,
             setup.loaded.hf_model,
             batches,
             layers,
             ridge=cfg.ridge,
+            svcca_variance=cfg.svcca_variance if cfg.map_kind == "svcca" else None,
             n_heldout=max(1, len(batches) // 5),
         )
+        maps = (
+            fitted.affine
+            if cfg.map_kind == "affine"
+            else {layer: fit.map for layer, fit in fitted.svcca.items()}
+        )
         maps_path = str(save_maps(maps, out / "maps"))
-        (out / "maps" / "heldout_mse.json").write_text(json.dumps(map_mse, indent=2) + "\n")
+        (out / "maps" / "heldout_mse.json").write_text(json.dumps(fitted.mse, indent=2) + "\n")
+        if fitted.svcca:
+            svcca_info = {
+                layer: {
+                    "dims_teacher": fit.dims_in,
+                    "dims_model": fit.dims_out,
+                    "correlations": fit.correlations.tolist(),
+                }
+                for layer, fit in fitted.svcca.items()
+            }
+            (out / "maps" / "svcca.json").write_text(json.dumps(svcca_info, indent=2) + "\n")
     method_cfg = replace(
         cfg.method, teacher=source, teacher_revision=chosen.revision, maps_path=maps_path
     )
@@ -122,12 +152,21 @@ def main(cfg: Config) -> dict[str, float]:
         f"\nteacher: {chosen.revision} (forget {chosen.forget_acc:.3f}"
         + (f", retain {chosen.retain_acc:.3f})" if chosen.retain_acc is not None else ")")
     )
-    if map_mse:
+    if fitted is not None:
         print(
-            "held-out map MSE (affine / identity): "
+            f"held-out map MSE ({' / '.join(fitted.mse)}): "
             + ", ".join(
-                f"L{layer} {map_mse['affine'][layer]:.3f}/{map_mse['identity'][layer]:.3f}"
-                for layer in map_mse["affine"]
+                f"L{layer} " + "/".join(f"{per[layer]:.3f}" for per in fitted.mse.values())
+                for layer in fitted.mse["identity"]
+            )
+        )
+    if fitted is not None and fitted.svcca:
+        print(
+            "svcca kept dims (teacher/model), top canonical correlations: "
+            + ", ".join(
+                f"L{layer} {fit.dims_in}/{fit.dims_out} "
+                + " ".join(f"{rho:.3f}" for rho in fit.correlations[:3].tolist())
+                for layer, fit in fitted.svcca.items()
             )
         )
     print(f"{'':<10}{'held-out forget':>17}{'attack forget':>15}{'retain':>9}")

@@ -119,6 +119,27 @@ def test_checkpoint_transfer_recipe_selects_a_teacher_fits_maps_and_unlearns(tin
     assert 0.0 <= results["forget_acc"] <= 1.0 and (out / "model" / "config.json").exists()
 
 
+def test_checkpoint_transfer_recipe_with_svcca_maps(tiny_home, tmp_path):
+    """--map_kind svcca saves SVCCA maps and reports them next to the ridge and identity maps."""
+    from unlearn.transfer import load_maps
+
+    out = tmp_path / "ct"
+    flags = "--world_preset tiny --num_steps 1 --batch_size 4 --margin 1.0 --map_docs 40"
+    flags += " --map_kind svcca --svcca_variance 0.9"
+    args = ["--out", str(out), *flags.split()]
+    checkpoint_transfer.main(parse(checkpoint_transfer.Config, args=args))
+    mse = json.loads((out / "maps" / "heldout_mse.json").read_text())
+    assert set(mse) == {"affine", "svcca", "identity"}
+    svcca = json.loads((out / "maps" / "svcca.json").read_text())
+    saved_layers = {str(layer) for layer in load_maps(out / "maps")}
+    assert set(svcca) == set(mse["svcca"]) == saved_layers
+    for layer in svcca.values():
+        assert len(layer["correlations"]) == min(layer["dims_teacher"], layer["dims_model"])
+        assert 0.0 <= min(layer["correlations"]) <= max(layer["correlations"]) <= 1.0 + 1e-9
+    with pytest.raises(ValueError, match=r"svcca_variance must be in \(0, 1\]"):
+        checkpoint_transfer.Config(svcca_variance=0.0)
+
+
 def test_checkpoint_transfer_without_a_near_chance_checkpoint_is_a_clear_error(tiny_home, tmp_path):
     cfg = parse(
         checkpoint_transfer.Config,

@@ -2,8 +2,9 @@
 
 ALGORITHMS.md section 3.4. A teacher checkpoint that is still at chance on the forget domain (chosen
 by `unlearn.transfer.select_checkpoint`) reads the same forget batch; its block outputs, mapped into
-the final model's basis by per-layer affine maps fitted at that same site (`fit_affine_maps`), are
-the targets of a masked MSE on the trainable model's block outputs:
+the final model's basis by per-layer affine maps fitted at that same site (`fit_affine_maps`: ridge
+or SVCCA, both stored as `AffineMap`s), are the targets of a masked MSE on the trainable model's
+block outputs:
 L_f = (1/|L|) Σ_l Σ_{b,s} m_bs · mean_d (A_l(h_l^teacher) − h_l^θ)² / Σ m.
 Retain term: KL, NLL or L2 (`retain.py`). Unlike the reference there is no silent fallback: a
 missing teacher or map file is an error (an identity map is an explicit choice: `maps_path=None`).
@@ -35,7 +36,7 @@ class CheckpointTransferConfig:
     teacher_revision: str | None = None
     """Teacher checkpoint name or hub revision (e.g. "step400", "global_step38144")."""
     maps_path: str | None = None
-    """Directory of fitted maps (maps.safetensors); None uses the identity map."""
+    """Directory of fitted maps (maps.safetensors, ridge or SVCCA); None uses the identity map."""
     layers: list[int] | None = None
     """Target layers (block outputs); None means every layer."""
     retain_loss: RetainLoss = "kl"
