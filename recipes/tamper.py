@@ -131,7 +131,10 @@ def main(cfg: Config) -> dict:
     print(f"{'model':<28}{'step':>6}{'held-out forget':>17}{'retain':>9}")
     curves = {report["label"]: report["records"], **report["controls"]}
     for label, records in curves.items():
-        for record in (records[0], max(records, key=lambda r: r["forget_acc"]), records[-1]):
+        peak = max(records, key=lambda r: r["forget_acc"])
+        for record in sorted(
+            {id(r): r for r in (records[0], peak, records[-1])}.values(), key=lambda r: r["step"]
+        ):
             print(
                 f"{label[:27]:<28}{record['step']:>6}{record['forget_acc']:>17.3f}"
                 f"{record['retain_acc']:>9.3f}"

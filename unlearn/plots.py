@@ -157,7 +157,8 @@ def plot_recovery(
     for ax in (forget_ax, retain_ax):
         ax.axhline(chance, color="green", linestyle=":", linewidth=1, label=f"chance {chance:.0%}")
         ax.set_xscale("symlog", linthresh=10)
-        ax.set_xlabel("attack step")
+        ax.set_xlim(left=0)
+        ax.set_xlabel("attack step (linear to 10, log after)")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     if original_level is not None:
@@ -170,7 +171,7 @@ def plot_recovery(
         )
     forget_ax.set_ylabel("held-out forget accuracy")
     retain_ax.set_ylabel("retain accuracy")
-    forget_ax.legend(fontsize=7, loc="lower right")
+    forget_ax.legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -126,13 +126,15 @@ class AttackSettings:
 
 ATTACK_PRESETS: dict[str, AttackSettings] = {
     "full": AttackSettings(),
-    "lora": AttackSettings(lr=3e-3, lora_rank=16, lora_alpha=16.0),
+    "lora": AttackSettings(lr=1e-3, lora_rank=16, lora_alpha=16.0),
     "repair_then_attack": AttackSettings(repair_steps=100),
     "benign": AttackSettings(data="retain"),
 }
 """Attacks scaled to the toy world: "full" (Deep Ignorance-style full fine-tune; the pilot's
-clearest setting, lr 3e-4 constant), "lora" (high learning rate LoRA), "repair_then_attack" (100
-retain steps first), "benign" (retain text only: the control for recovery from any fine-tune)."""
+clearest setting, lr 3e-4 constant), "lora" (LoRA r16 at a high learning rate, 1e-3: on a
+checkpoint-transfer model it recovers like "full", while 3e-3 halved the filtered twin's retain
+accuracy), "repair_then_attack" (100 retain steps first), "benign" (retain text only: the control
+for recovery from any fine-tune)."""
 
 
 @dataclass(frozen=True)
