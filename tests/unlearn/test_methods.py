@@ -36,6 +36,7 @@ from unlearn.methods import (
 )
 from unlearn.methods.base import extra_models
 from unlearn.methods.retain import retain_component
+from unlearn.probe import TransformerProbe, probe_depth, save_probes
 from unlearn.training import LoraSettings, add_lora
 from unlearn.transfer import AffineMap, save_maps
 
@@ -49,6 +50,9 @@ TEACHER = "<teacher>"
 """Placeholder for `teacher`, replaced by a perturbed copy of the model saved into tmp_path."""
 MAPS = "<maps>"
 """Placeholder for `maps_path`, replaced by random affine maps saved into tmp_path."""
+PROBES = "<probes>"
+"""Placeholder for `probe_path`, replaced by random small transformer probes (every layer) saved
+into tmp_path."""
 
 VARIANTS: dict[str, list[dict]] = {
     "lens_unlearn": [
@@ -62,6 +66,12 @@ VARIANTS: dict[str, list[dict]] = {
         {"teacher": TEACHER},
         {"teacher": TEACHER, "maps_path": MAPS, "retain_loss": "l2", "layers": [1]},
         {"teacher": TEACHER, "retain_coef": 0.0, "forget_ramp": "constant"},
+    ],
+    "probe_unlearn": [
+        {"probe_path": PROBES},
+        {"probe_path": PROBES, "forget_loss": "random_ce", "retain_loss": "nll", "layers": [0]},
+        {"probe_path": PROBES, "retain_loss": "l2", "retain_layers": [1], "layers": [1]},
+        {"probe_path": PROBES, "retain_coef": 0.0, "forget_ramp": "constant"},
     ],
     "circuit_breakers": [
         {},
@@ -114,6 +124,14 @@ def _config(name: str, kwargs: dict, tmp_path, model, tokenizer):
             for layer in range(N_LAYERS)
         }
         kwargs = {**kwargs, "maps_path": str(save_maps(maps, tmp_path / "maps"))}
+    if kwargs.get("probe_path") == PROBES:
+        probes = {
+            layer: TransformerProbe(
+                model.config.hidden_size, probe_depth(layer, N_LAYERS), d_probe=16, n_heads=2
+            )
+            for layer in range(N_LAYERS)
+        }
+        kwargs = {**kwargs, "probe_path": str(save_probes(probes, tmp_path / "probes"))}
     return METHODS[name][0](**kwargs)
 
 
@@ -268,9 +286,12 @@ def test_registry_names_are_unique_and_lowercase():
 
 def test_every_method_has_contract_variants():
     """A new method must list its non-default configs in VARIANTS, defaults first (apart from
-    the inputs a method cannot default: checkpoint transfer's teacher)."""
+    the inputs a method cannot default: checkpoint transfer's teacher, probe unlearn's probes)."""
     assert set(VARIANTS) == set(METHODS)
-    required = {"checkpoint_transfer": {"teacher": TEACHER}}
+    required = {
+        "checkpoint_transfer": {"teacher": TEACHER},
+        "probe_unlearn": {"probe_path": PROBES},
+    }
     for name, variants in VARIANTS.items():
         assert variants[0] == required.get(name, {})
 

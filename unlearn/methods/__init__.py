@@ -20,11 +20,13 @@ from unlearn.methods.base import (
 from unlearn.methods.checkpoint_transfer import CheckpointTransfer, CheckpointTransferConfig
 from unlearn.methods.circuit_breakers import CircuitBreakers, CircuitBreakersConfig
 from unlearn.methods.lens_unlearn import LensUnlearn, LensUnlearnConfig
+from unlearn.methods.probe_unlearn import ProbeUnlearn, ProbeUnlearnConfig
 
 METHODS: dict[str, tuple[type, type]] = {
     "lens_unlearn": (LensUnlearnConfig, LensUnlearn),
     "circuit_breakers": (CircuitBreakersConfig, CircuitBreakers),
     "checkpoint_transfer": (CheckpointTransferConfig, CheckpointTransfer),
+    "probe_unlearn": (ProbeUnlearnConfig, ProbeUnlearn),
 }
 """Every registered method: name -> (config class, method class)."""
 
@@ -42,6 +44,8 @@ __all__ = [
     "LensUnlearn",
     "LensUnlearnConfig",
     "Method",
+    "ProbeUnlearn",
+    "ProbeUnlearnConfig",
     "Ramp",
     "Stacked",
     "Term",
