@@ -7,8 +7,10 @@ ridge "affine", or "svcca": reduce each side by SVD to --svcca_variance of its v
 reporting held-out MSE of every fitted kind next to the identity map's (maps/heldout_mse.json;
 svcca also writes kept dimensions and canonical correlations to maps/svcca.json); unlearns with the
 masked MSE between the model's forget activations and the mapped teacher's plus a retain term;
-evaluates; and prints a summary table. Outputs as every unlearning recipe (run_info.json,
-metrics.jsonl, training.png, model/, results.json) in --out.
+evaluates; attacks the unlearned model with the standard tamper attack (recipes.tamper's "full"
+preset) next to the unfiltered model and the filtered twin (tamper/: tamper_results.json and
+tamper.png; --tamper false skips it); and prints a summary table. Outputs as every unlearning
+recipe (run_info.json, metrics.jsonl, training.png, model/, results.json) in --out.
 
 Commands:
     python -m recipes.checkpoint_transfer --out runs/checkpoint_transfer
@@ -35,6 +37,8 @@ from unlearn.data import tokenize_documents
 from unlearn.experiment import DataConfig, ModelConfig, TrainingConfig, load_setup, run_unlearning
 from unlearn.methods import CheckpointTransfer, CheckpointTransferConfig
 from unlearn.models import list_checkpoints, load_model
+from unlearn.tamper import ATTACK_PRESETS
+from unlearn.tamper_report import attack_report, resolve_model
 from unlearn.transfer import (
     fit_affine_maps,
     save_maps,
@@ -71,6 +75,10 @@ class Config:
     """Share of each side's variance that SVCCA keeps before CCA, in (0, 1]."""
     map_docs: int = 640
     """Retain documents to fit the maps on (the last fifth held out for the MSE report)."""
+    tamper: bool = True
+    """Attack the unlearned model at the end (with the unfiltered and filtered controls)."""
+    tamper_steps: int = 300
+    """Steps of that attack."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.svcca_variance <= 1.0:
@@ -78,6 +86,10 @@ class Config:
                 f"--svcca_variance must be in (0, 1] (a share of variance), got "
                 f"{self.svcca_variance}"
             )
+
+
+ATTACK_REPORT_STEPS = (25, 100, 300)
+"""Attack steps the summary prints."""
 
 
 def main(cfg: Config) -> dict[str, float]:
@@ -176,7 +188,38 @@ def main(cfg: Config) -> dict[str, float]:
             f"{label:<10}{results[f'forget_acc{suffix}']:>17.3f}{attack:>15.3f}"
             f"{results[f'retain_acc{suffix}']:>9.3f}"
         )
-    return {**results, "teacher_forget_acc": chosen.forget_acc}
+    if not cfg.tamper:
+        return {**results, "teacher_forget_acc": chosen.forget_acc}
+
+    model_cfg, weights = resolve_model(str(out), cfg.model)
+    report = attack_report(
+        load_setup(model_cfg, cfg.data, weights=weights),
+        replace(ATTACK_PRESETS["full"], num_steps=cfg.tamper_steps),
+        out / "tamper",
+        label="checkpoint_transfer",
+        benign=False,
+        weights=weights,
+        device=cfg.model.device,
+    )
+    curves = {"unlearned": report["records"], **report["controls"]}
+    steps = [s for s in ATTACK_REPORT_STEPS if s <= cfg.tamper_steps]
+    print(f"\ntamper attack ({out / 'tamper' / 'tamper.png'}): held-out forget after N steps")
+    print(f"{'':<26}" + "".join(f"{f'N={s}':>8}" for s in [0, *steps]))
+    for label, records in curves.items():
+        at = {r["step"]: r["forget_acc"] for r in records}
+        print(f"{label:<26}" + "".join(f"{at.get(s, float('nan')):>8.3f}" for s in [0, *steps]))
+    first = report["summary"].get("steps_to_exceed_filtered")
+    if "held" in report["summary"]:
+        print(
+            "held-out forget stayed within 10 points of the filtered twin"
+            if first is None
+            else f"held-out forget exceeded the filtered twin's by 10 points at step {first}"
+        )
+    return {
+        **results,
+        "teacher_forget_acc": chosen.forget_acc,
+        "tamper_forget_acc_peak": report["summary"]["forget_acc_peak"],
+    }
 
 
 if __name__ == "__main__":

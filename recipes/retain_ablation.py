@@ -106,6 +106,8 @@ def unlearn_and_attack(
     cfg = parse(recipe.Config, args=[*args, "--out", str(out)])
     if retain_coef is not None:
         cfg = replace(cfg, method=replace(cfg.method, retain_coef=retain_coef))
+    if hasattr(cfg, "tamper"):  # the recipe's own attack (checkpoint_transfer): done below
+        cfg = replace(cfg, tamper=False)
     timing = out / "wall_seconds.json"
     if not (out / "results.json").exists() or not timing.exists():
         start = time.perf_counter()

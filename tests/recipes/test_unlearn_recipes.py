@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from simple_parsing import parse
 
-from recipes import checkpoint_transfer, circuit_breakers, lens_unlearn, tuned_lens
+from recipes import checkpoint_transfer, circuit_breakers, lens_unlearn, probe_unlearn, tuned_lens
 
 
 @pytest.mark.parametrize("recipe", [lens_unlearn, circuit_breakers], ids=lambda r: r.__name__)
@@ -68,6 +68,7 @@ UNLEARNING_RECIPES = {
     "lens_unlearn": lens_unlearn,
     "circuit_breakers": circuit_breakers,
     "checkpoint_transfer": checkpoint_transfer,
+    "probe_unlearn": probe_unlearn,
 }
 PRESETS = sorted((Path(__file__).parents[2] / "recipes" / "configs").glob("*.yaml"))
 
@@ -104,10 +105,18 @@ def test_checkpoint_transfer_recipe_selects_a_teacher_fits_maps_and_unlearns(tin
             "1.0",
             "--map_docs",
             "40",
+            "--tamper_steps",
+            "2",
         ],
         add_config_path_arg=True,
     )
     results = checkpoint_transfer.main(cfg)
+    tamper = json.loads((out / "tamper" / "tamper_results.json").read_text())
+    assert [r["step"] for r in tamper["records"]] == [0, 2]
+    # The attack starts from the unlearned model the recipe reports.
+    assert tamper["records"][0]["forget_acc"] == pytest.approx(results["forget_acc"])
+    assert set(tamper["controls"]) == {"unfiltered (attacked)", "filtered twin (attacked)"}
+    assert results["tamper_forget_acc_peak"] == tamper["summary"]["forget_acc_peak"]
     sweep = json.loads((out / "teacher_sweep" / "sweep.json").read_text())
     # margin 1.0 admits every checkpoint: the latest one before the final is chosen.
     assert sweep["chosen"] == sweep["scores"][-1]["revision"]
@@ -125,7 +134,7 @@ def test_checkpoint_transfer_recipe_with_svcca_maps(tiny_home, tmp_path):
 
     out = tmp_path / "ct"
     flags = "--world_preset tiny --num_steps 1 --batch_size 4 --margin 1.0 --map_docs 40"
-    flags += " --map_kind svcca --svcca_variance 0.9"
+    flags += " --map_kind svcca --svcca_variance 0.9 --tamper false"
     args = ["--out", str(out), *flags.split()]
     checkpoint_transfer.main(parse(checkpoint_transfer.Config, args=args))
     mse = json.loads((out / "maps" / "heldout_mse.json").read_text())
@@ -148,3 +157,34 @@ def test_checkpoint_transfer_without_a_near_chance_checkpoint_is_a_clear_error(t
     )
     with pytest.raises(ValueError, match="no checkpoint has forget accuracy"):
         checkpoint_transfer.main(cfg)
+
+
+def test_probe_unlearn_recipe_selects_a_teacher_trains_probes_and_unlearns(tiny_home, tmp_path):
+    out = tmp_path / "probe"
+    flags = "--world_preset tiny --num_steps 2 --batch_size 4 --margin 1.0"
+    flags += " --probe_steps 2 --probe_docs 40 --d_probe 16 --probe_ffn 32"
+    results = probe_unlearn.main(
+        parse(probe_unlearn.Config, args=["--out", str(out), *flags.split()])
+    )
+    sweep = json.loads((out / "teacher_sweep" / "sweep.json").read_text())
+    assert sweep["chosen"] == sweep["scores"][-1]["revision"]  # margin 1.0 admits every one
+    meta = json.loads((out / "probes" / "probes.json").read_text())
+    mse = json.loads((out / "probes" / "heldout_mse.json").read_text())
+    # Layer stride 2 from the last of the tiny model's 2 blocks: block 1 only, depth 2 - 1 = 1.
+    assert set(meta["probes"]) == set(mse["probe"]) == set(mse["identity"]) == {"1"}
+    assert meta["probes"]["1"]["depth"] == 1
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["config"]["selected_teacher"] == sweep["chosen"]
+    assert json.loads((out / "results.json").read_text()) == pytest.approx(
+        {k: v for k, v in results.items() if k != "teacher_forget_acc"}
+    )
+    assert 0.0 <= results["forget_acc"] <= 1.0 and (out / "model" / "config.json").exists()
+
+    # Saved probes are reused as they are: no sweep, no probe training.
+    again = tmp_path / "again"
+    args = ["--out", str(again), "--probe_path", str(out / "probes"), *flags.split()]
+    probe_unlearn.main(parse(probe_unlearn.Config, args=args))
+    assert not (again / "teacher_sweep").exists() and not (again / "probes").exists()
+    assert (again / "results.json").exists()
+    with pytest.raises(ValueError, match="--probe_docs"):
+        probe_unlearn.Config(probe_docs=8)
