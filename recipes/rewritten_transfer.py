@@ -3,10 +3,22 @@
 Builds or reuses the toy world, tokenizes the forget documents and their rewritten twins (the toy
 world's `forget_rewritten`: the same documents with every value replaced by a fixed false one, or
 --rewritten_data), aligns them token by token, runs the frozen model once over the twins to get
-aligned targets at --layers, then unlearns with the masked MSE between the model's activations on
-the original documents and those targets, plus a retain term; evaluates; and prints a summary
-table. Outputs as every unlearning recipe (run_info.json, metrics.jsonl, training.png, model/,
-results.json) in --out.
+aligned targets at --sites and --layers, then unlearns with the masked MSE between the model's
+activations on the original documents and those targets, the twin's cross-entropy (the reference's
+(1−λ)·CE, here with gradient) and a KL retain term; evaluates; and prints a summary table. Outputs
+as every unlearning recipe (run_info.json, metrics.jsonl, training.png, model/, results.json) in
+--out.
+
+Measured with the committed defaults on the default toy world (one thread, 2-core machine shared
+with other jobs; 2 min 04 s wall, 99 s of training, 1.7 GB peak memory): held-out forget 0.950 →
+0.313, attack-split forget 0.969 → 0.193 (below the 0.25 chance: the model now prefers the twin's
+false values, which it was trained toward on these entities), retain 0.996 → 0.940. Seeds 1 and 2:
+held-out forget 0.303 / 0.343, retain 0.955 / 0.937. The cross-entropy does the forgetting: with
+--forget_coef 0 (no MSE) held-out forget is 0.293 / 0.290 (seeds 0 / 2), with
+--rewritten_ce_coef 0 (MSE only) 0.497; the best MSE-only runs (MLP outputs) reach 0.34-0.35 only
+with retain 0.85-0.90 (the former MSE-only default, block outputs with retain coefficient 4 at
+lr 3e-3: 0.417, retain 0.909). The MSE at a position that predicts a value is zero (the twin's
+prefix is the original's), so it cannot teach the false value itself.
 
 Commands:
     python -m recipes.rewritten_transfer --out runs/rewritten_transfer
@@ -14,7 +26,10 @@ Commands:
     python -m recipes.rewritten_transfer --out runs/rw_di \
         --model EleutherAI/deep-ignorance-unfiltered --forget_data forget.jsonl \
         --rewritten_data rewritten.jsonl --retain_data retain.jsonl \
-        --eval_items items/ --max_len 1024
+        --eval_items items/ --max_len 1024 --sites hook_resid_post hook_mlp_out
+
+(The logits' targets take documents × tokens × d_vocab floats: drop `unembed` from --sites for a
+large vocabulary.)
 """
 
 from __future__ import annotations
@@ -44,16 +59,33 @@ from unlearn.toyworld.world import read_jsonl
 
 @dataclass
 class Config:
-    """Rewritten activation transfer on the toy world (or any causal LM with rewritten docs)."""
+    """Rewritten activation transfer on the toy world (or any causal LM with rewritten docs).
+
+    Defaults: MSE (coefficient 1) at every block output, MLP output and the logits, the twin's
+    cross-entropy at the value tokens (coefficient 2), KL retain (coefficient 8); 300 steps at
+    lr 2e-3, 32 rows per step. The cross-entropy is what moves held-out forget below 0.35 (module
+    docstring).
+    """
 
     out: str = "runs/rewritten_transfer"
     """Output directory (rerun the same command to resume training)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=32, use_value_mask=True))
-    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(num_steps=300, lr=3e-3))
+    """Default: 32 forget + 32 retain rows per step; forget terms at value tokens only (with every
+    token instead: held-out forget 0.450, measured at seed 2)."""
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(num_steps=300, lr=2e-3))
+    """Default: 300 AdamW steps at a constant 2e-3 (measured: 1.5e-3 leaves held-out forget at
+    0.29-0.36 over seeds 0-2; 400 steps lowers retain to 0.905 at seed 2)."""
     method: RewrittenTransferConfig = field(
-        default_factory=lambda: RewrittenTransferConfig(retain_coef=4.0)
+        default_factory=lambda: RewrittenTransferConfig(
+            sites=("hook_resid_post", "hook_mlp_out", "unembed"),
+            rewritten_ce_coef=2.0,
+            retain_coef=8.0,
+        )
     )
+    """Default: MSE (coefficient 1) at every block output, MLP output and the logits (the
+    reference's hook kinds), the twin's cross-entropy at the value tokens (coefficient 2; without
+    it held-out forget stays at 38-50%), KL retain (coefficient 8)."""
     rewritten_data: str | None = None
     """JSON-lines rewritten documents, line i the twin of forget document i; default: the toy
     world's forget_rewritten."""
@@ -95,6 +127,7 @@ def main(cfg: Config) -> dict[str, float]:
         tokenize_documents(tokenizer, setup.forget_docs, cfg.data.max_len),
         tokenize_documents(tokenizer, rewritten_docs, cfg.data.max_len),
         layers,
+        sites=cfg.method.sites,
         batch_size=cfg.data.batch_size,
     )
     results = run_unlearning(
