@@ -145,17 +145,21 @@ def row(label: str, records: list[dict[str, Any]], summary: dict[str, Any]) -> d
         "retain_acc": records[0]["retain_acc"],
         **{f"forget_at_{s}": forget_at(records, s) for s in ATTACK_STEPS},
         "forget_peak": summary["forget_acc_peak"],
+        "recovery_at_100": (summary.get("relative_recovery") or {}).get("100"),
         "steps_to_exceed_filtered": summary.get("steps_to_exceed_filtered"),
         "collapsed": summary.get("collapsed", False),
     }
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Rows as a Markdown table (accuracies in %)."""
+    """Rows as a Markdown table, accuracies in %.
+
+    "recovery @100" is (acc − chance) / (unfiltered attacked − chance) at attack step 100, in %.
+    """
     head = (
         "| model | forget | retain | "
         + " | ".join(f"forget @{s}" for s in ATTACK_STEPS)
-        + " | peak | steps to filtered + 10 | collapsed |"
+        + " | peak | recovery @100 | steps to filtered + 10 | collapsed |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
@@ -167,7 +171,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['model']} | {pct(r['forget_acc'])} | {pct(r['retain_acc'])} | "
             + " | ".join(pct(r[f"forget_at_{s}"]) for s in ATTACK_STEPS)
-            + f" | {pct(r['forget_peak'])} | {'held' if step is None else step} | "
+            + f" | {pct(r['forget_peak'])} | {pct(r['recovery_at_100'])} | "
+            + f"{'held' if step is None else step} | "
             + f"{'yes' if r['collapsed'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
