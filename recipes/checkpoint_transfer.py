@@ -34,7 +34,14 @@ from typing import Literal
 from simple_parsing import parse
 
 from unlearn.data import tokenize_documents
-from unlearn.experiment import DataConfig, ModelConfig, TrainingConfig, load_setup, run_unlearning
+from unlearn.experiment import (
+    DataConfig,
+    ModelConfig,
+    TrainingConfig,
+    load_setup,
+    run_unlearning,
+    summary_table,
+)
 from unlearn.methods import CheckpointTransfer, CheckpointTransferConfig
 from unlearn.models import list_checkpoints, load_model
 from unlearn.tamper import ATTACK_PRESETS
@@ -181,13 +188,7 @@ def main(cfg: Config) -> dict[str, float]:
                 for layer, fit in fitted.svcca.items()
             )
         )
-    print(f"{'':<10}{'held-out forget':>17}{'attack forget':>15}{'retain':>9}")
-    for label, suffix in (("before", "_before"), ("after", "")):
-        attack = results.get(f"forget_attack_acc{suffix}", float("nan"))
-        print(
-            f"{label:<10}{results[f'forget_acc{suffix}']:>17.3f}{attack:>15.3f}"
-            f"{results[f'retain_acc{suffix}']:>9.3f}"
-        )
+    print(summary_table(results))
     if not cfg.tamper:
         return {**results, "teacher_forget_acc": chosen.forget_acc}
 

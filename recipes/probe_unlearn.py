@@ -35,7 +35,14 @@ import torch
 from simple_parsing import parse
 
 from unlearn.data import tokenize_documents
-from unlearn.experiment import DataConfig, ModelConfig, TrainingConfig, load_setup, run_unlearning
+from unlearn.experiment import (
+    DataConfig,
+    ModelConfig,
+    TrainingConfig,
+    load_setup,
+    run_unlearning,
+    summary_table,
+)
 from unlearn.methods import ProbeUnlearn, ProbeUnlearnConfig
 from unlearn.models import list_checkpoints, load_model
 from unlearn.probe import save_probes, train_probes
@@ -172,13 +179,7 @@ def main(cfg: Config) -> dict[str, float]:
                 for layer in probe_mse["probe"]
             )
         )
-    print(f"{'':<10}{'held-out forget':>17}{'attack forget':>15}{'retain':>9}")
-    for label, suffix in (("before", "_before"), ("after", "")):
-        attack = results.get(f"forget_attack_acc{suffix}", float("nan"))
-        print(
-            f"{label:<10}{results[f'forget_acc{suffix}']:>17.3f}{attack:>15.3f}"
-            f"{results[f'retain_acc{suffix}']:>9.3f}"
-        )
+    print(summary_table(results))
     teacher_acc = {"teacher_forget_acc": chosen.forget_acc} if chosen is not None else {}
     return {**results, **teacher_acc}
 

@@ -47,6 +47,7 @@ from unlearn.experiment import (
     TrainingConfig,
     load_setup,
     run_unlearning,
+    summary_table,
 )
 from unlearn.methods.rewritten_transfer import (
     RewrittenTransfer,
@@ -141,13 +142,7 @@ def main(cfg: Config) -> dict[str, float]:
         setup=setup,
     )
 
-    print(f"{'':<10}{'held-out forget':>17}{'attack forget':>15}{'retain':>9}")
-    for label, suffix in (("before", "_before"), ("after", "")):
-        attack = results.get(f"forget_attack_acc{suffix}", float("nan"))
-        print(
-            f"{label:<10}{results[f'forget_acc{suffix}']:>17.3f}{attack:>15.3f}"
-            f"{results[f'retain_acc{suffix}']:>9.3f}"
-        )
+    print(summary_table(results))
     return results
 
 

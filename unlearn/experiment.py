@@ -300,3 +300,15 @@ def run_unlearning(
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     return results
+
+
+def summary_table(results: Mapping[str, float]) -> str:
+    """Held-out forget, attack-split forget and retain accuracy before and after, as text."""
+    lines = [f"{'':<10}{'held-out forget':>17}{'attack forget':>15}{'retain':>9}"]
+    for label, suffix in (("before", "_before"), ("after", "")):
+        attack = results.get(f"forget_attack_acc{suffix}", float("nan"))
+        lines.append(
+            f"{label:<10}{results[f'forget_acc{suffix}']:>17.3f}{attack:>15.3f}"
+            f"{results[f'retain_acc{suffix}']:>9.3f}"
+        )
+    return "\n".join(lines)
