@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from interventions import Lens
 from unlearn.lens import SITE, TunedLens
 from unlearn.losses import ce_maximization_loss, max_entropy_loss, random_target_ce_loss
-from unlearn.methods.base import FORGET, RAMPS, TRAINABLE, Node, RampName, Term
+from unlearn.methods.base import FORGET, RAMPS, TRAINABLE, Node, RampName, Term, TermFn
 from unlearn.methods.retain import RetainLoss, retain_component
 
 
@@ -59,6 +59,36 @@ def predicting(token_mask: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos
     return shifted
 
 
+def lens_forget_term(kind: str, key: str) -> TermFn:
+    """The forget term on decoded logits `acts[key]` ``[layer batch pos vocab]``, mean over layers.
+
+    Shared by every method that decodes layers to the vocabulary (logit/tuned lens, probes).
+
+    Args:
+        kind: "max_entropy" / "random_ce" (at the positions that predict selected tokens) or
+            "ce_max" (cross-entropy of the selected tokens, maximized).
+        key: Name of the stacked logits in the step's activations.
+
+    Raises:
+        ValueError: Unknown kind.
+    """
+    losses = {
+        "max_entropy": lambda z, batch: max_entropy_loss(z, predicting(batch.token_mask)),
+        "random_ce": lambda z, batch: random_target_ce_loss(
+            z, predicting(batch.token_mask), torch.default_generator
+        ),
+        "ce_max": lambda z, batch: ce_maximization_loss(z, batch.input_ids, batch.token_mask),
+    }
+    if kind not in losses:
+        raise ValueError(f"unknown forget loss {kind!r}; choose from {sorted(losses)}")
+    per_layer = losses[kind]
+
+    def forget_term(acts, forget, retain):
+        return torch.stack([per_layer(z, forget) for z in acts[key]]).mean()
+
+    return forget_term
+
+
 class LensUnlearn:
     """Nodes and terms of tuned-lens unlearning for a model with `n_layers` blocks."""
 
@@ -89,19 +119,7 @@ class LensUnlearn:
             model=TRAINABLE,
             batch=FORGET,
         )
-        losses = {
-            "max_entropy": lambda z, batch: max_entropy_loss(z, predicting(batch.token_mask)),
-            "random_ce": lambda z, batch: random_target_ce_loss(
-                z, predicting(batch.token_mask), torch.default_generator
-            ),
-            "ce_max": lambda z, batch: ce_maximization_loss(z, batch.input_ids, batch.token_mask),
-        }
-        per_layer = losses[cfg.forget_loss]
-
-        def forget_term(acts, forget, retain):
-            lens_logits = acts["forget_lens"]  # [layer, batch, pos, vocab]
-            return torch.stack([per_layer(z, forget) for z in lens_logits]).mean()
-
+        forget_term = lens_forget_term(cfg.forget_loss, "forget_lens")
         retain = retain_component(
             cfg.retain_loss, cfg.retain_layers or "all", cfg.retain_coef, RAMPS[cfg.retain_ramp]
         )

@@ -20,9 +20,8 @@ from typing import Literal
 import torch
 
 from interventions import Lens
-from unlearn.losses import max_entropy_loss, random_target_ce_loss
 from unlearn.methods.base import FORGET, RAMPS, TRAINABLE, Node, RampName, Term
-from unlearn.methods.lens_unlearn import predicting
+from unlearn.methods.lens_unlearn import lens_forget_term
 from unlearn.methods.retain import RetainLoss, retain_component
 from unlearn.probe import SITE, load_probes
 
@@ -97,18 +96,7 @@ class ProbeUnlearn:
             model=TRAINABLE,
             batch=FORGET,
         )
-        losses = {
-            "max_entropy": lambda z, batch: max_entropy_loss(z, predicting(batch.token_mask)),
-            "random_ce": lambda z, batch: random_target_ce_loss(
-                z, predicting(batch.token_mask), torch.default_generator
-            ),
-        }
-        per_layer = losses[cfg.forget_loss]
-
-        def forget_term(acts, forget, retain):
-            probe_logits = acts["forget_probe"]  # [layer, batch, pos, vocab]
-            return torch.stack([per_layer(z, forget) for z in probe_logits]).mean()
-
+        forget_term = lens_forget_term(cfg.forget_loss, "forget_probe")
         retain = retain_component(
             cfg.retain_loss, cfg.retain_layers or "all", cfg.retain_coef, RAMPS[cfg.retain_ramp]
         )
