@@ -9,13 +9,16 @@ the unfiltered run's boundary checkpoint instead of training stage 1 again.
 
 A run saves `save_pretrained` checkpoints (with the tokenizer) at `cfg.checkpoint_steps` under
 `<run_dir>/checkpoints/step<N>`, plus the optimizer state next to the latest one, so a killed build
-resumes from its last checkpoint and finishes with the same weights.
+resumes from its last checkpoint and finishes with the same bytes. A checkpoint folder is written
+under a temporary name and renamed into place whole (`unlearn.toyworld.atomic`); one process at a
+time may write a run (the world build holds a lock).
 """
 
 from __future__ import annotations
 
 import math
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,9 @@ from tqdm.auto import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from unlearn.models import CHECKPOINTS_DIR
+from unlearn.toyworld import atomic
 from unlearn.toyworld.config import ToyWorldConfig
+from unlearn.toyworld.world import is_saved_model
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -171,20 +176,56 @@ def _save_checkpoint(
     model: GPTNeoXForCausalLM,
     tokenizer: Any,
     optimizer: torch.optim.Optimizer,
+    *,
+    keep_state: bool = False,
 ) -> None:
     target = checkpoint_dir(run_dir, step)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / TRAIN_STATE)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    # Only the newest checkpoint (plus those marked to keep) needs its optimizer state.
+    with atomic.writing(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if keep_state:
+            # Inside the folder before it is renamed into place: the next checkpoint must never
+            # find this one without the marker and delete the state the twin forks from.
+            (tmp / KEEP_STATE).touch()
+        torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / TRAIN_STATE)
+    _drop_old_states(run_dir, step)
+
+
+def _drop_old_states(run_dir: Path, newest: int) -> None:
+    """Delete the optimizer states of all checkpoints but `newest` and those marked to keep.
+
+    Only the newest checkpoint (plus those marked to keep) needs its optimizer state. This runs
+    after each save and again on resume, for a kill between a checkpoint's rename and this cleanup.
+    """
     for other in (run_dir / CHECKPOINTS_DIR).iterdir():
         state = other / TRAIN_STATE
-        if other != target and state.exists() and not (other / KEEP_STATE).exists():
+        if other.name != f"step{newest}" and state.exists() and not (other / KEEP_STATE).exists():
             state.unlink()
+
+
+def _copy_checkpoint(source: Path, target: Path) -> None:
+    """Copy a checkpoint folder of another run, without its optimizer state."""
+    with atomic.writing(target) as tmp:
+        shutil.copytree(source, tmp)
+        (tmp / TRAIN_STATE).unlink(missing_ok=True)
+
+
+def _interned_keys(state: Any) -> Any:
+    """`state` with every string dict key interned (nested dicts and lists rebuilt, values kept).
+
+    Pickle writes an object it has seen before as a back-reference, so the bytes of a saved
+    optimizer state depend on which keys are the same object. A fresh run's keys are torch's own
+    (interned) strings; keys loaded from a file are new objects. Interning the keys of a resumed
+    run makes its `train_state.pt` byte-identical to that of an uninterrupted run.
+    """
+    if isinstance(state, dict):
+        return {
+            (sys.intern(key) if isinstance(key, str) else key): _interned_keys(value)
+            for key, value in state.items()
+        }
+    if isinstance(state, list):
+        return [_interned_keys(value) for value in state]
+    return state
 
 
 def latest_resumable(run_dir: Path) -> int | None:
@@ -195,7 +236,10 @@ def latest_resumable(run_dir: Path) -> int | None:
     steps = [
         int(p.name[4:])
         for p in root.iterdir()
-        if p.name.startswith("step") and p.name[4:].isdigit() and (p / TRAIN_STATE).exists()
+        if p.name.startswith("step")
+        and p.name[4:].isdigit()
+        and (p / TRAIN_STATE).exists()
+        and is_saved_model(p)
     ]
     return max(steps, default=None)
 
@@ -228,11 +272,14 @@ def pretrain(
     Raises:
         FloatingPointError: The loss became NaN or infinite.
     """
+    atomic.remove_stale_tmp(run_dir / CHECKPOINTS_DIR)
     model = make_model(cfg, tokenizer)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
     )
     resume_step = latest_resumable(run_dir)
+    if resume_step is not None:
+        _drop_old_states(run_dir, resume_step)
     source = checkpoint_dir(run_dir, resume_step) if resume_step is not None else fork_from
     start = 0
     if source is not None:
@@ -241,20 +288,24 @@ def pretrain(
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
         )
-        optimizer.load_state_dict(state["optimizer"])
+        # A forked run always holds loaded keys, uninterrupted or not; only a run that started
+        # from scratch needs torch's own key objects back (see _interned_keys).
+        is_from_scratch = resume_step is not None and fork_from is None
+        optimizer.load_state_dict(
+            _interned_keys(state["optimizer"]) if is_from_scratch else state["optimizer"]
+        )
         start = state["step"]
         if resume_step is None and start > cfg.stage1_steps:
             raise ValueError(f"cannot fork from step {start}: past the stage boundary")
     checkpoints = set(cfg.checkpoint_steps)
     for step in sorted(checkpoints):
-        if step <= start and not (checkpoint_dir(run_dir, step) / "config.json").exists():
+        if step <= start and not is_saved_model(checkpoint_dir(run_dir, step)):
             # A forked run shares the parent's checkpoints up to the fork.
             parent = fork_from.parent if fork_from is not None else None
-            if parent is not None and (parent / f"step{step}").exists():
-                shutil.copytree(parent / f"step{step}", checkpoint_dir(run_dir, step))
-                (checkpoint_dir(run_dir, step) / TRAIN_STATE).unlink(missing_ok=True)
+            if parent is not None and is_saved_model(parent / f"step{step}"):
+                _copy_checkpoint(parent / f"step{step}", checkpoint_dir(run_dir, step))
     if start == 0 and 0 in checkpoints:
-        _save_checkpoint(run_dir, 0, model, tokenizer, optimizer)
+        _save_checkpoint(run_dir, 0, model, tokenizer, optimizer, keep_state=0 in keep_state_steps)
 
     model.train()
     progress = tqdm(
@@ -282,9 +333,9 @@ def pretrain(
         if done % 20 == 0:
             progress.set_postfix(loss=f"{loss.item():.3f}")
         if done in checkpoints:
-            _save_checkpoint(run_dir, done, model, tokenizer, optimizer)
-            if done in keep_state_steps:
-                (checkpoint_dir(run_dir, done) / KEEP_STATE).touch()
+            _save_checkpoint(
+                run_dir, done, model, tokenizer, optimizer, keep_state=done in keep_state_steps
+            )
     progress.close()
     model.eval()
     return model

@@ -11,8 +11,11 @@ Layout of a world directory (`$UNLEARN_HOME/toyworld/<preset>-<config hash>/`):
     evals.json                  accuracy of every checkpoint (filled while building)
     report.json, accuracy.png   the build report and its plot
     COMPLETE                    written last; a world without it is (re)built
+    ../<preset>-<hash>.lock     the build lock (next to the world, so `force` cannot delete it)
 
-Every model directory loads with `unlearn.models.load_model(path, checkpoint="step<N>")`.
+Every model directory loads with `unlearn.models.load_model(path, checkpoint="step<N>")`. Every file
+and folder above is written under a temporary name and renamed into place when complete (see
+`unlearn.toyworld.atomic`), so a path that exists holds a whole artifact.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unlearn.toyworld.atomic import writing
 from unlearn.toyworld.config import ToyWorldConfig
 from unlearn.toyworld.generator import ITEM_SPLITS
 
@@ -41,6 +45,12 @@ CORPUS_NAMES = (
 )
 """The corpora a world writes under data/."""
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+"""What `save_pretrained` of the world's tokenizer writes."""
+
+MODEL_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES)
+"""What a saved model (or checkpoint) folder needs to load; the build moves these in last."""
+
 
 def unlearn_home() -> Path:
     """The cache root: `$UNLEARN_HOME`, default `~/.cache/unlearn`."""
@@ -52,6 +62,11 @@ def world_dir(cfg: ToyWorldConfig, preset: str = "custom", root: Path | None = N
     return (root if root is not None else unlearn_home() / "toyworld") / f"{preset}-{cfg.hash()}"
 
 
+def is_saved_model(path: Path) -> bool:
+    """Whether `path` holds a whole saved model: config, weights and tokenizer, not config alone."""
+    return all((path / name).is_file() for name in MODEL_FILES)
+
+
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Rows of a JSON-lines file."""
     with path.open(encoding="utf-8") as handle:
@@ -61,9 +76,8 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows as JSON lines (sorted keys, so equal data gives identical bytes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
+    """Write rows as JSON lines (sorted keys, so equal data gives identical bytes), atomically."""
+    with writing(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
 
