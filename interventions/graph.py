@@ -26,6 +26,10 @@ under ``torch.no_grad()`` unless something it returns needs a gradient: a read o
 trainable parameters, or a read downstream of a routed activation that carries one. Reads with
 ``grad=False`` are detached.
 
+A `Lens` decodes through the model's final norm and unembedding, or through frozen copies of them
+made at compile time where they have trainable parameters: a lens loss moves the activation it
+decodes, never the readout.
+
 The result is a plain ``dict[str, Tensor]``: one entry per `Read`, `Route` and `Lens` name (a
 ``{l}`` template over several layers gives a ``[layer, ...]`` stack), plus
 ``"{batch}/attention_mask"`` for every batch that has one. Batches are token-id tensors, or
@@ -42,6 +46,7 @@ Each trace is one call of `interventions.nnsight_backend.run_trace`; the nodes l
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,20 +93,59 @@ class _Trace:
 
 @dataclass(eq=False)
 class _Decode:
-    """The lens half of a `Lens`: translator, final norm and unembedding."""
+    """The lens half of a `Lens`: translator, final norm and unembedding.
 
-    norm: Envoy
-    """Final norm; an envoy, so that calling it inside a (remote) trace runs the server's."""
-    unembed: Envoy
+    Locally the decode runs through ``norm`` and ``unembed``: the model's own final norm and
+    unembedding when they are frozen, or frozen copies made once at compile time when they have
+    trainable parameters, so that a loss on a lens prediction moves the representation it decodes
+    and never the readout (tuned-lens' ``Unembed`` copies them for the same reason). A remote run
+    decodes inside the trace through the server's modules (``remote_norm``, ``remote_unembed``);
+    nothing is trained remotely.
+    """
+
+    norm: nn.Module
+    unembed: nn.Module
+    remote_norm: Envoy
+    """Final norm as an envoy, so that calling it inside a remote trace runs the server's."""
+    remote_unembed: Envoy
     translators: list[Translator | None]
     grad: bool | None
 
     def __call__(self, acts: list[Tensor]) -> list[Tensor]:
+        return self._decode(acts, self.norm, self.unembed)
+
+    def remote(self, acts: list[Tensor]) -> list[Tensor]:
+        """Decode inside a trace, through the traced model's own modules."""
+        return self._decode(acts, self.remote_norm, self.remote_unembed)
+
+    def _decode(self, acts: list[Tensor], norm: Any, unembed: Any) -> list[Tensor]:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.grad is not False):
             return [
-                self.unembed(self.norm(act if translator is None else translator(act)))
+                unembed(norm(act if translator is None else _translate(translator, act)))
                 for act, translator in zip(acts, self.translators, strict=True)
             ]
+
+
+def _translate(translator: Translator, act: Tensor) -> Tensor:
+    """Apply a translator on the activation's device, in the translator's dtype, back in act's.
+
+    A translator module (a tuned lens or probe loaded on the CPU, say) is moved to the
+    activation's device the first time it meets it.
+    """
+    param = next(translator.parameters(), None) if isinstance(translator, nn.Module) else None
+    if param is None:
+        return translator(act)
+    if param.device != act.device:
+        assert isinstance(translator, nn.Module)
+        translator.to(act.device)
+    return translator(act.to(param.dtype)).to(act.dtype)
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    """`module` itself if nothing in it trains, else a frozen copy of it as it is now."""
+    if not _is_trainable(module):
+        return module
+    return copy.deepcopy(module).requires_grad_(False)
 
 
 @dataclass(eq=False)
@@ -286,7 +330,14 @@ class CompiledStep:
             info = self._info(node.model)
             norm = root.get(info.prefix + info.arch.final_norm)
             unembed = root.get(info.prefix + info.arch.unembed)
-            decode = _Decode(norm, unembed, translators, node.grad)
+            decode = _Decode(
+                _frozen(norm._module),
+                _frozen(unembed._module),
+                norm,
+                unembed,
+                translators,
+                node.grad,
+            )
             self._outputs.append(_Output(node.name, keys, node.layers is not None, decode))
 
     def _sort(self) -> list[_Trace]:
@@ -441,10 +492,10 @@ class CompiledStep:
             out[output.name] = torch.stack(tensors) if output.stacked else tensors[0]
         return out
 
-    def _decodes(self, trace: _Trace) -> list[tuple[list[str], _Decode]]:
-        """The lenses whose reads ``trace`` makes, to decode inside it."""
+    def _decodes(self, trace: _Trace) -> list[tuple[list[str], Any]]:
+        """The lenses whose reads ``trace`` makes, to decode inside it (remote runs)."""
         return [
-            (output.keys, output.decode)
+            (output.keys, output.decode.remote)
             for output in self._outputs
             if output.decode is not None and self._producers[output.keys[0]][0] is trace
         ]

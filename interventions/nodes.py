@@ -97,7 +97,14 @@ class Route:
 
 @dataclass(frozen=True, eq=False)
 class Lens:
-    """Decode a site through the model's final norm and unembedding: a logit or tuned lens."""
+    """Decode a site through the model's final norm and unembedding: a logit or tuned lens.
+
+    The decode never trains the readout: where the model's final norm or unembedding has
+    trainable parameters, the lens decodes through frozen copies made when the graph is compiled
+    (the readout as it was then), so gradients of a loss on the lens's logits reach the translator
+    input, the activation at the site, and nothing else. A translator module follows the device
+    of the activations it meets.
+    """
 
     name: str
     """Key of the result, logits ``[batch pos d_vocab]`` (stacked over layers for a template)."""

@@ -175,7 +175,7 @@ def lens_kl(model: nn.Module, lens: TunedLens, batches: Iterable[Batch]) -> dict
         for batch in batches:
             n = int(batch.attention_mask.sum())
             for name, step in steps.items():
-                totals[name] += _layer_kl(step({"batch": batch}), batch) * n
+                totals[name] += _layer_kl(step({"batch": batch}), batch).cpu() * n
             n_tokens += n
     if n_tokens == 0:
         raise ValueError("no held-out tokens to compare the lenses on")

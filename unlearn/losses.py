@@ -185,7 +185,7 @@ def max_entropy_loss(
 def random_target_ce_loss(
     logits: Float[Tensor, "batch pos d_vocab"],
     mask: TokenMask,
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
     *,
     normalize_by_log_vocab: bool = True,
 ) -> Float[Tensor, ""]:
@@ -205,7 +205,9 @@ def random_target_ce_loss(
     Args:
         logits: Logits whose predicted distribution is pushed to uniform.
         mask: Positions whose prediction is scored (no next-token shift).
-        generator: Source of the random targets; must live on `logits.device`.
+        generator: A CPU generator for the random targets (None: torch's default one). Targets
+            are drawn on the CPU and moved to `logits.device`, so a run draws the same targets
+            on any device.
         normalize_by_log_vocab: Divide by log V.
 
     Returns:
@@ -215,9 +217,14 @@ def random_target_ce_loss(
     selected = mask != 0
     scored_logits = logits[selected]  # [num_selected d_vocab]
     weights = mask[selected].to(logits.dtype)
-    targets = torch.randint(
-        vocab_size, (scored_logits.shape[0],), generator=generator, device=logits.device
-    )
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(
+            f"random_target_ce_loss draws its targets on the CPU; pass a CPU generator, not one "
+            f"on {generator.device}"
+        )
+    generator = torch.default_generator if generator is None else generator
+    targets = torch.randint(vocab_size, (scored_logits.shape[0],), generator=generator)
+    targets = targets.to(logits.device)
     neg_logprobs = F.cross_entropy(scored_logits, targets, reduction="none")
     loss = masked_mean(neg_logprobs, weights)
     return loss / math.log(vocab_size) if normalize_by_log_vocab else loss
@@ -450,10 +457,21 @@ def circuit_breaker_loss(
     acts: LayerActs,
     ref_acts: LayerActs,
     mask: TokenMask,
+    *,
+    ref_jitter: float = 0.0,
 ) -> Float[Tensor, ""]:
     """Forget term of circuit breakers: positive cosine similarity to the frozen representations.
 
-    L = sum_l sum_{b,s} m_bs ReLU(cos(h_l^theta_bs, h_l^0_bs)) / (|L| * sum_{b,s} m_bs).
+    L = sum_l sum_{b,s} m_bs ReLU(cos(h_l^theta_bs, r_l,bs)) / (|L| * sum_{b,s} m_bs), with
+    r = h^0 + j ‖h^0‖ z / √d, z ~ N(0, I) drawn afresh at every call (torch's generator of the
+    activations' device, which the training core seeds at every micro-step), j = `ref_jitter`.
+
+    Why the jitter: at the original weights h^theta = h^0, the cosine is at its maximum 1 and its
+    gradient is exactly zero, so the first optimizer steps would follow floating-point noise (which
+    differs between devices, thread counts and kernels; Adam turns any nonzero noise into full-size
+    steps). With j > 0 the gradient at h^0 points away from a seeded random direction, 1 − cos
+    changes by O(j²) (1e-4 at j = 0.01) and once h^theta has moved the term is the reference's.
+    j = 0 is the reference exactly.
 
     It is 0 once every forget representation is orthogonal or opposite to the original one. Cosine
     uses `F.cosine_similarity` (eps 1e-8), so a zero vector has cosine 0. An empty mask gives
@@ -470,11 +488,16 @@ def circuit_breaker_loss(
         acts: Trained-model activations on forget text at the target layers.
         ref_acts: Frozen-model activations at the same layers (computed without grad).
         mask: Forget tokens to reroute (attention mask, optionally AND a keyword mask).
+        ref_jitter: Relative scale j of the random perturbation of the reference (0: none).
 
     Returns:
         The masked, layer-averaged ReLU cosine.
     """
     num_layers = _num_layers(acts, ref_acts)
+    if ref_jitter:
+        ref_acts = ref_acts.detach()
+        noise = torch.randn_like(ref_acts) / math.sqrt(ref_acts.shape[-1])
+        ref_acts = ref_acts + ref_jitter * ref_acts.norm(dim=-1, keepdim=True) * noise
     cosines = torch.stack(
         [F.cosine_similarity(h, h0, dim=-1) for h, h0 in zip(acts, ref_acts, strict=True)]
     )  # [layer batch pos]

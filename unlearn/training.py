@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -235,15 +236,16 @@ def _micro_step(
     progress: float,
     dtype: str,
     scale: float,
+    device: torch.device,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    autocast = torch.autocast(
-        "cuda" if torch.cuda.is_available() else "cpu",
-        dtype=torch.bfloat16,
-        enabled=dtype == "bfloat16",
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if dtype == "bfloat16"
+        else contextlib.nullcontext()
     )
     with autocast:
         acts = step_fn(batches)
-        total = torch.zeros((), device=next(iter(acts.values())).device)
+        total = torch.zeros((), device=device)
         metrics: dict[str, float] = {}
         for term in method.terms:
             value = term.fn(acts, batches[FORGET], batches[RETAIN]).float()
@@ -361,10 +363,11 @@ def train(
                 step / max(1, num_steps - 1),
                 optim.dtype,
                 1.0 / optim.grad_accum,
+                device,
             )
             finite = math.isfinite(metrics["loss/total"])
             if world_size > 1:  # every rank stops together instead of hanging in all_reduce
-                flag = torch.tensor([0.0 if finite else 1.0])
+                flag = torch.tensor([0.0 if finite else 1.0], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 finite = flag.item() == 0.0
             if not finite:
@@ -381,7 +384,7 @@ def train(
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-            packed = torch.tensor(list(sums.values()), dtype=torch.float64)
+            packed = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
             dist.all_reduce(packed, op=dist.ReduceOp.AVG)
             sums = dict(zip(sums, packed.tolist(), strict=True))
         grad_norm = (

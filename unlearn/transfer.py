@@ -152,8 +152,13 @@ class AffineMap:
     bias: Float[Tensor, " d_out"]
 
     def __call__(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_out"]:
-        """Apply the map (in the input's dtype)."""
-        return x @ self.weight.to(x.dtype).T + self.bias.to(x.dtype)
+        """Apply the map on the input's device, in its dtype."""
+        weight = self.weight.to(device=x.device, dtype=x.dtype)
+        return x @ weight.T + self.bias.to(device=x.device, dtype=x.dtype)
+
+    def to(self, device: torch.device | str) -> AffineMap:
+        """The map with its tensors on `device` (once, instead of at every call)."""
+        return AffineMap(self.weight.to(device), self.bias.to(device))
 
 
 class AffineStats:

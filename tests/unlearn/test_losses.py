@@ -355,6 +355,41 @@ def test_circuit_breaker_hand_value():
     _close(circuit_breaker_loss(acts, ref_acts, mask), (1 + 2**-0.5) / 4)
 
 
+def test_circuit_breaker_gradient_at_the_original_weights_comes_from_the_jitter():
+    """At h = h0 the cosine is at its maximum 1: without jitter the gradient is exactly 0 (what made
+    the first steps follow floating-point noise). With jitter j the reference is
+    r = h0 + j‖h0‖z/√d; the gradient is nonzero, the same for the same seed, and the loss is
+    1 − O(j²): E[1 − cos] ≈ j²/2 (here j = 0.01, d = 64, so about 5e-5)."""
+    torch.manual_seed(0)
+    h0 = torch.randn(2, 3, 5, 64)
+    mask = torch.ones(3, 5)
+
+    def grad(jitter: float, seed: int) -> tuple[float, torch.Tensor]:
+        acts = h0.clone().requires_grad_(True)
+        torch.manual_seed(seed)
+        loss = circuit_breaker_loss(acts, h0, mask, ref_jitter=jitter)
+        loss.backward()
+        assert acts.grad is not None
+        return loss.item(), acts.grad
+
+    loss, plain = grad(0.0, 0)
+    assert loss == pytest.approx(1.0, abs=1e-6)
+    assert plain.abs().max() < 1e-7
+    # Seeds other than the one h0 was drawn with (the same seed would draw z = h0: no jitter).
+    loss, first = grad(0.01, 1)
+    _, again = grad(0.01, 1)
+    _, other = grad(0.01, 2)
+    assert 1 - loss == pytest.approx(0.5 * 0.01**2, rel=0.3)
+    assert first.norm() > 1e3 * plain.norm() and torch.equal(first, again)
+    assert not torch.allclose(first, other)
+    # d cos(h, r)/dh at h = h0 is r's part orthogonal to h0 over ‖h0‖²: along z⊥ at every token.
+    torch.manual_seed(1)
+    z = torch.randn_like(h0)
+    unit = h0 / h0.norm(dim=-1, keepdim=True)
+    z_perp = z - (z * unit).sum(-1, keepdim=True) * unit
+    assert (F.cosine_similarity(first, z_perp, dim=-1) > 0.999).all()
+
+
 def test_circuit_breaker_empty_mask_is_zero_with_zero_gradient():
     acts = torch.randn(2, 2, 3, 4, requires_grad=True)
     loss = circuit_breaker_loss(acts, torch.randn(2, 2, 3, 4), torch.zeros(2, 3, dtype=torch.bool))

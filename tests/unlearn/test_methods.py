@@ -201,8 +201,8 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     [
         ("lens_unlearn", {"forget_loss": "max_entropy"}),
         ("lens_unlearn", {"forget_loss": "ce_max", "retain_loss": "l2"}),
-        ("circuit_breakers", {}),
-        ("circuit_breakers", {"retain_loss": "kl", "layers": [0, 1]}),
+        ("circuit_breakers", {"ref_jitter": 0.0}),
+        ("circuit_breakers", {"retain_loss": "kl", "layers": [0, 1], "ref_jitter": 0.0}),
     ],
 )
 def test_unweighted_terms_at_theta0_match_hand_values(name, kwargs, tiny_lm, batches):
@@ -212,7 +212,8 @@ def test_unweighted_terms_at_theta0_match_hand_values(name, kwargs, tiny_lm, bat
     - lens max_entropy: mean_l masked-mean_t (logsumexp z − mean z − log V) / log V, z = lens_l,
       over the positions t that predict a selected token (m_{t+1} = 1);
     - lens ce_max: mean_l of the mean over scored tokens (t ≥ 1, m_t) of log softmax(z_{t−1})[x_t];
-    - circuit breakers forget: cos(h, h) = 1 at every token, so exactly 1; orth: pooled
+    - circuit breakers forget (without the reference jitter, tested in test_losses): cos(h, h) = 1
+      at every token, so exactly 1; orth: pooled
       p_b = Σ_t m h / Σ_t m, p̂ = p / ‖p‖, Σ_{b≠b'} ReLU(p̂_b·p̂_b') / (B(B−1)|L|) · mean_b Σ_t m;
     - every retain term (KL, L2) is 0 against an identical model.
     """
@@ -455,3 +456,68 @@ def test_stack_rejects_name_clashes():
 def test_retain_component_rejects_unknown_kind():
     with pytest.raises((ValueError, TypeError), match="kl.*nll.*l2"):  # TypeError: jaxtyping
         retain_component("mse")  # type: ignore[arg-type]
+
+
+READOUT = ("embed_out", "gpt_neox.final_layer_norm")
+"""The tiny GPT-NeoX's unembedding and final norm."""
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("lens_unlearn", {"retain_coef": 0.0}),
+        ("lens_unlearn", {"retain_coef": 0.0, "lens_path": TUNED_LENS, "forget_loss": "ce_max"}),
+        ("probe_unlearn", {"retain_coef": 0.0, "probe_path": PROBES}),
+    ],
+)
+def test_lens_terms_never_reach_the_readout(name, kwargs, tiny_lm, batches, tmp_path):
+    """Under full fine-tuning a lens (or probe) decode goes through a frozen copy of the final norm
+    and unembedding: the forget term's gradient is zero on them and nonzero on the blocks, and
+    training on it alone leaves the readout's weights bit-identical."""
+    from unlearn.training import OptimSettings, train
+
+    model, tokenizer = tiny_lm
+    cfg = _config(name, kwargs, tmp_path, model, tokenizer)
+    method, trainable, _, step = _wire(model, cfg, name, use_lora=False)
+    _forget_objective(method, step, batches).backward()
+    grads = {n: p.grad for n, p in trainable.named_parameters()}
+    for n, grad in grads.items():
+        if n.startswith(READOUT):
+            assert grad is None or not grad.any(), n
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "layers.0" in n)
+
+    fresh = copy.deepcopy(model).requires_grad_(True)
+    before = {n: p.detach().clone() for n, p in fresh.named_parameters() if n.startswith(READOUT)}
+    pairs = PairedBatches(*_docs(tokenizer), batch_size=4)
+    optim = OptimSettings(lr=1e-2, warmup_steps=1)
+    result = train(fresh, method, pairs, num_steps=3, out_dir=tmp_path / "run", optim=optim)
+    params = dict(result.model.named_parameters())
+    assert all(torch.equal(params[n], value) for n, value in before.items())
+    assert not torch.equal(
+        params["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"],
+        model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight,
+    )
+
+
+def _docs(tokenizer):
+    forget_docs = [{"text": text[: 8 * (i + 1)]} for i, text in enumerate(TINY_TEXTS)]
+    retain_docs = [{"text": text[: 6 * (4 - i)]} for i, text in enumerate(TINY_TEXTS)]
+    return (
+        tokenize_documents(tokenizer, forget_docs, max_len=24),
+        tokenize_documents(tokenizer, retain_docs, max_len=24),
+    )
+
+
+def test_the_logit_lens_at_the_last_layer_is_the_models_output(tiny_lm, batches):
+    """Before training, decoding the last block's output (frozen readout copy, identity translator)
+    equals the trainable model's own logits."""
+    model, _ = tiny_lm
+    method = METHODS["lens_unlearn"][1](METHODS["lens_unlearn"][0](layers=[N_LAYERS - 1]), N_LAYERS)
+    trainable = copy.deepcopy(model).requires_grad_(True)
+    step = StepGraph(list(method.nodes)).compile({TRAINABLE: trainable, BASE: copy.deepcopy(model)})
+    forget = batches[FORGET]
+    with torch.no_grad():
+        decoded = step(batches)["forget_lens"][0]
+        logits = trainable(input_ids=forget.input_ids, attention_mask=forget.attention_mask).logits
+    real = forget.attention_mask.bool()  # padded positions are not compared
+    assert torch.allclose(decoded[real], logits[real], atol=1e-5)

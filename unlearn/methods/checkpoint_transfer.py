@@ -74,6 +74,8 @@ class CheckpointTransfer:
         teacher = load_model(cfg.teacher, revision=cfg.teacher_revision, device=device).hf_model
         self.models = {TEACHER: teacher.eval().requires_grad_(False)}
         maps = load_maps(cfg.maps_path) if cfg.maps_path is not None else None
+        if maps is not None:
+            maps = {layer: m.to(device) for layer, m in maps.items()}
         if maps is not None and not set(layers) <= set(maps):
             raise ValueError(f"maps at {cfg.maps_path} cover layers {sorted(maps)}, not {layers}")
         site = "blocks.{l}.hook_resid_post"
@@ -83,7 +85,7 @@ class CheckpointTransfer:
         ]
 
         def forget_term(acts, forget, retain):
-            targets = acts["teacher_acts"]
+            targets = acts["teacher_acts"].to(acts["forget_acts"].device)
             if maps is not None:
                 targets = torch.stack(
                     [maps[layer](t) for layer, t in zip(layers, targets, strict=True)]

@@ -36,6 +36,10 @@ class CircuitBreakersConfig:
     """Peak orthogonality coefficient (0: plain circuit breakers)."""
     retain_coef: float = 1.0
     """Peak retain coefficient."""
+    ref_jitter: float = 0.01
+    """Relative scale of the seeded random perturbation of the frozen forget activations in the
+    cosine term (`unlearn.losses.circuit_breaker_loss`): at the original weights the cosine has
+    zero gradient, and without it the first steps follow floating-point noise. 0: the reference."""
     retain_loss: RetainLoss = "l2"
     """Retain objective."""
     forget_ramp: RampName = "forget_decay"
@@ -69,7 +73,10 @@ class CircuitBreakers:
                 Term(
                     "forget",
                     lambda acts, forget, retain: circuit_breaker_loss(
-                        acts["forget_acts"], acts["forget_ref_acts"], forget.token_mask
+                        acts["forget_acts"],
+                        acts["forget_ref_acts"],
+                        forget.token_mask,
+                        ref_jitter=cfg.ref_jitter,
                     ),
                     cfg.forget_coef,
                     RAMPS[cfg.forget_ramp],

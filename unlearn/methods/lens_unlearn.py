@@ -74,9 +74,7 @@ def lens_forget_term(kind: str, key: str) -> TermFn:
     """
     losses = {
         "max_entropy": lambda z, batch: max_entropy_loss(z, predicting(batch.token_mask)),
-        "random_ce": lambda z, batch: random_target_ce_loss(
-            z, predicting(batch.token_mask), torch.default_generator
-        ),
+        "random_ce": lambda z, batch: random_target_ce_loss(z, predicting(batch.token_mask)),
         "ce_max": lambda z, batch: ce_maximization_loss(z, batch.input_ids, batch.token_mask),
     }
     if kind not in losses:

@@ -179,7 +179,7 @@ class SequentialLayer:
         )
         losses: dict[str, Callable] = {
             "max_entropy": lambda z, mask: max_entropy_loss(z, mask),
-            "random_ce": lambda z, mask: random_target_ce_loss(z, mask, torch.default_generator),
+            "random_ce": lambda z, mask: random_target_ce_loss(z, mask),
             "top_k": lambda z, mask: top_k_entropy_loss(z, mask, k=cfg.top_k),
         }
         forget_loss = losses[cfg.forget_loss]

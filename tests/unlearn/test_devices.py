@@ -1,0 +1,196 @@
+"""Device placement: every registered method, the maps, the lens and the tamper attack run with the
+model on a second device (`tests.other_device`), where a tensor, generator, map or lens left on
+the CPU fails the way it would on a GPU; and the numbers match the same run on the CPU.
+"""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from tests.conftest import TINY_TEXTS
+from tests.other_device import is_on_device, other_device
+from tests.unlearn.test_methods import MAPS, PROBES, TEACHER, TUNED_LENS, _config
+from unlearn.data import PairedBatches, tokenize_documents
+from unlearn.lens import TunedLens, lens_kl, train_tuned_lens
+from unlearn.losses import random_target_ce_loss
+from unlearn.methods import METHODS
+from unlearn.tamper import EVAL_SPLITS, AttackSettings, attack
+from unlearn.training import METRICS_FILE, LoraSettings, train
+from unlearn.transfer import AffineMap, load_maps, save_maps
+
+CASES = {
+    "lens_unlearn": {},  # random-target cross-entropy through the logit lens
+    "lens_unlearn-tuned": {"lens_path": TUNED_LENS},
+    "circuit_breakers": {},
+    "checkpoint_transfer": {"teacher": TEACHER, "maps_path": MAPS},
+    "probe_unlearn": {"probe_path": PROBES},
+}
+"""Every registered method, with the files (lens, maps, probes, teacher) it loads from disk."""
+
+
+def test_every_registered_method_has_a_device_case():
+    assert {name.split("-")[0] for name in CASES} == set(METHODS)
+
+
+def test_the_second_device_fails_where_cuda_fails():
+    """The harness itself: mixing, matmul with a CPU operand and a CPU generator all raise."""
+    with other_device() as device:
+        x = torch.ones(3, 4).to(device)
+        with pytest.raises(RuntimeError, match="same device"):
+            x + torch.ones(3, 4)
+        with pytest.raises(RuntimeError, match="same device"):
+            x @ torch.ones(4, 2)
+        with pytest.raises(RuntimeError, match="generator"):
+            torch.randint(5, (3,), generator=torch.default_generator, device=x.device)
+        assert torch.equal((x * 2 + torch.tensor(1.0)).cpu(), torch.full((3, 4), 3.0))
+        assert is_on_device(torch.zeros(2, device=x.device)) and not is_on_device(x.cpu())
+
+
+def _pairs(tokenizer):
+    forget_docs = [{"text": text[: 8 * (i + 1)]} for i, text in enumerate(TINY_TEXTS)]
+    retain_docs = [{"text": text[: 6 * (4 - i)]} for i, text in enumerate(TINY_TEXTS)]
+    forget = tokenize_documents(tokenizer, forget_docs, max_len=24)
+    retain = tokenize_documents(tokenizer, retain_docs, max_len=24)
+    return PairedBatches(forget, retain, batch_size=4)
+
+
+def _losses(out_dir) -> dict[str, float]:
+    """Every logged loss of a run, keyed "<step>/<name>"."""
+    records = [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines()]
+    return {f"{r['step']}/{k}": v for r in records for k, v in r.items() if k.startswith("loss/")}
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_one_training_step_on_another_device_matches_the_cpu(case, use_lora, tiny_lm, tmp_path):
+    """Two steps of `train` per method, model on the second device, method built as recipes build
+    it (files loaded from disk to the CPU; the teacher loaded to the model's device): the logged
+    losses equal a CPU run's (random targets are drawn the same on every device) and the weights
+    stay on the device."""
+    model, tokenizer = tiny_lm
+    name = case.split("-")[0]
+    torch.manual_seed(1)
+    cfg = _config(name, CASES[case], tmp_path, model, tokenizer)
+    lora = LoraSettings(rank=4) if use_lora else None
+    kwargs = dict(num_steps=2, optim=dict_optim(), lora=lora, seed=3)
+
+    cpu_method = METHODS[name][1](cfg, 2)
+    train(copy.deepcopy(model), cpu_method, _pairs(tokenizer), out_dir=tmp_path / "cpu", **kwargs)
+    with other_device() as device:
+        on_device = copy.deepcopy(model).to(device)
+        extra = {"device": device} if name == "checkpoint_transfer" else {}
+        method = METHODS[name][1](cfg, 2, **extra)
+        result = train(on_device, method, _pairs(tokenizer), out_dir=tmp_path / "dev", **kwargs)
+        assert all(is_on_device(p) for p in result.model.parameters())
+    cpu, dev = _losses(tmp_path / "cpu"), _losses(tmp_path / "dev")
+    assert dev.keys() == cpu.keys() and len(cpu) >= 4
+    for key in cpu:
+        assert dev[key] == pytest.approx(cpu[key], rel=1e-4, abs=1e-6), key
+
+
+def dict_optim():
+    from unlearn.training import OptimSettings
+
+    return OptimSettings(lr=1e-3, warmup_steps=1)
+
+
+def test_random_targets_are_the_same_on_every_device():
+    logits = torch.randn(2, 3, 11)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
+    torch.manual_seed(5)
+    on_cpu = random_target_ce_loss(logits, mask)
+    with other_device() as device:
+        torch.manual_seed(5)
+        on_device = random_target_ce_loss(logits.to(device), mask.to(device))
+        assert is_on_device(on_device)
+        assert float(on_device) == pytest.approx(float(on_cpu), rel=1e-6)
+
+
+def test_maps_loaded_from_disk_apply_on_the_device_of_their_input(tmp_path):
+    maps = {0: AffineMap(torch.randn(4, 3), torch.randn(4))}
+    loaded = load_maps(save_maps(maps, tmp_path))
+    x = torch.randn(5, 3)
+    expected = x @ maps[0].weight.T + maps[0].bias
+    with other_device() as device:
+        y = loaded[0](x.to(device))
+        assert is_on_device(y)
+        assert torch.allclose(y.cpu(), expected, atol=1e-6)
+        assert torch.allclose(loaded[0].to(device)(x.to(device)).cpu(), expected, atol=1e-6)
+        y16 = loaded[0](x.to(device, torch.bfloat16))
+        assert y16.dtype == torch.bfloat16
+
+
+def test_a_lens_loaded_from_disk_trains_and_reads_on_the_device(tiny_lm, tmp_path):
+    model, tokenizer = tiny_lm
+    lens = TunedLens.for_model(model)
+    with torch.no_grad():
+        lens.translators[0].weight.add_(0.1 * torch.randn_like(lens.translators[0].weight))
+    path = lens.save(tmp_path / "lens")
+    batch, _ = _pairs(tokenizer).at(0)
+    expected = lens_kl(model, TunedLens.load(path), [batch])
+    with other_device() as device:
+        on_device = copy.deepcopy(model).to(device)
+        loaded = TunedLens.load(path)  # on the CPU: it follows the activations it meets
+        kl = lens_kl(on_device, loaded, [batch.to(device)])
+        losses = train_tuned_lens(on_device, loaded, [batch.to(device)], num_steps=1)
+        assert all(is_on_device(p) for p in loaded.parameters())
+    for kind in expected:
+        assert kl[kind] == pytest.approx(expected[kind], rel=1e-4)
+    assert losses[0] == pytest.approx(sum(expected["tuned"]) / len(expected["tuned"]), rel=1e-4)
+
+
+def test_the_tamper_attack_runs_on_the_device(tiny_world, tmp_path):
+    from unlearn.models import load_model
+
+    loaded = load_model(str(tiny_world.model_dir("unfiltered")))
+    items = {split: tiny_world.items(split)[:8] for split in EVAL_SPLITS}
+    docs = tiny_world.corpus("forget_attack")[:16]
+    settings = AttackSettings(num_steps=2, batch_size=4, max_len=32)
+    cpu_records, _ = attack(
+        copy.deepcopy(loaded.hf_model), loaded.tokenizer, docs, items, settings, tmp_path / "cpu"
+    )
+    with other_device() as device:
+        model = copy.deepcopy(loaded.hf_model).to(device)
+        records, attacked = attack(model, loaded.tokenizer, docs, items, settings, tmp_path / "d")
+        assert all(is_on_device(p) for p in attacked.parameters())
+    assert [r["step"] for r in records] == [r["step"] for r in cpu_records]
+    for got, want in zip(records, cpu_records, strict=True):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-4), key
+
+
+def test_the_main_command_runs_on_the_device(tiny_home, tmp_path):
+    """The README's main command (checkpoint transfer: teacher sweep, map fitting, unlearning, the
+    attack and its controls) on the tiny world with ``--model.device`` set to the second device."""
+    from simple_parsing import parse
+
+    from recipes import checkpoint_transfer
+
+    flags = "--world_preset tiny --num_steps 2 --batch_size 4 --margin 1.0 --map_docs 40"
+    flags += " --tamper_steps 2"
+    with other_device() as device:
+        args = ["--out", str(tmp_path / "ct"), "--device", str(device), *flags.split()]
+        results = checkpoint_transfer.main(parse(checkpoint_transfer.Config, args=args))
+    assert set(results) >= {"forget_acc", "retain_acc"}
+
+
+@pytest.mark.parametrize("name", ["sequential", "rewritten_transfer", "probe_unlearn"])
+def test_the_other_unlearning_recipes_run_on_the_device(name, tiny_home, tmp_path):
+    """The recipes whose methods are not plain registry entries (back-to-front phases, precomputed
+    rewritten targets) and probe unlearning's probe training, end to end on the second device."""
+    import importlib
+
+    from simple_parsing import parse
+
+    recipe = importlib.import_module(f"recipes.{name}")
+    flags = "--world_preset tiny --num_steps 2 --batch_size 4"
+    if name == "probe_unlearn":
+        flags += " --margin 1.0 --probe_steps 2 --probe_docs 40 --d_probe 16 --probe_ffn 32"
+    with other_device() as device:
+        args = ["--out", str(tmp_path / name), "--device", str(device), *flags.split()]
+        results = recipe.main(parse(recipe.Config, args=args))
+    assert math.isfinite(results["forget_acc"]) and math.isfinite(results["retain_acc"])
