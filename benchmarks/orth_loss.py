@@ -48,6 +48,7 @@ from torch import Tensor
 
 from unlearn.kernels import orthogonality_loss_fused, triton_available
 from unlearn.losses import orthogonality_loss
+from unlearn.provenance import portable_paths
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -243,7 +244,7 @@ def main(cfg: Config) -> list[dict]:
             torch.cuda.empty_cache()
     info = {
         "command": shlex.join(["python", "-m", "benchmarks.orth_loss", *sys.argv[1:]]),
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "config": portable_paths(asdict(cfg)),
         "machine": machine(device),
         "grid": shapes,
         "grid_note": grid_note,

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from interventions import Read, Route, StepGraph, Write, position_ids_from_mask
+from unlearn.provenance import portable_paths
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -287,7 +288,7 @@ def machine() -> dict:
 def write_results(cfg: Config, rows: list[dict], seconds: float) -> None:
     info = {
         "command": shlex.join(["python", "-m", "benchmarks.step_graph", *sys.argv[1:]]),
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "config": portable_paths(asdict(cfg)),
         "machine": machine(),
         "seconds": round(seconds, 1),
         "targets": {"toy": "ratio <= 1.15", "25M": "ratio <= 1.05"},

@@ -70,3 +70,14 @@ def tiny_home(tiny_world, monkeypatch):
     """$UNLEARN_HOME pointed at the session's tiny world, so recipes find it without building."""
     monkeypatch.setenv("UNLEARN_HOME", str(tiny_world.root.parent.parent))
     return tiny_world
+
+
+def absolute_path_strings(value) -> list[str]:
+    """Every string in a parsed JSON value, keys included, that is an absolute path."""
+    if isinstance(value, dict):
+        return [
+            s for k, v in value.items() for s in absolute_path_strings(k) + absolute_path_strings(v)
+        ]
+    if isinstance(value, list):
+        return [s for item in value for s in absolute_path_strings(item)]
+    return [value] if isinstance(value, str) and value.startswith("/") else []
