@@ -7,7 +7,11 @@ each (truncated to `max_len`), with a per-token mask marking the tokens that ove
 optimizer step, deterministically from (seed, step), so a resumed run sees the same data, and every
 DDP rank takes its own slice of the same global batch.
 
+`read_documents` and `read_items` read JSON-lines files and check every line (valid JSON, the
+required fields) before anything is tokenized or loaded, naming the file and line of an error.
+
 Usage:
+    >>> docs = read_documents("forget.jsonl")   # [{"text": ...}, ...]
     >>> forget = tokenize_documents(tokenizer, world.corpus("forget_attack"), max_len=128)
     >>> retain = tokenize_documents(tokenizer, world.corpus("retain"), max_len=128)
     >>> batches = PairedBatches(forget, retain, batch_size=16, seed=0)
@@ -16,13 +20,96 @@ Usage:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
+
+
+def _read_rows(
+    path: str | os.PathLike[str], what: str, check: Callable[[dict[str, Any]], str | None]
+) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (blank lines skipped), each checked by `check`.
+
+    Raises:
+        FileNotFoundError: No file at `path`.
+        ValueError: A line that is not a JSON object or fails `check` ("<path>:<line>: why"),
+            or no rows at all.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{what} file {file} does not exist" + (" (it is a directory)" if file.is_dir() else "")
+        )
+    rows = []
+    with file.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{file}:{number}: not valid JSON ({err.msg} at column {err.colno})"
+                ) from None
+            problem = "not a JSON object" if not isinstance(row, dict) else check(row)
+            if problem:
+                raise ValueError(f"{file}:{number}: {problem}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{what} file {file} holds no rows")
+    return rows
+
+
+def _document_problem(row: dict[str, Any]) -> str | None:
+    if not isinstance(row.get("text"), str):
+        return f'a document needs a "text" string; this line has keys {sorted(row)}'
+    return None
+
+
+def _item_problem(row: dict[str, Any]) -> str | None:
+    missing = [key for key in ("prompt", "choices", "answer") if key not in row]
+    if missing:
+        return f"an item needs {missing} (it has keys {sorted(row)})"
+    choices, answer = row["choices"], row["answer"]
+    if not isinstance(choices, list) or len(choices) < 2:
+        return f'"choices" must be a list of at least 2 strings, got {choices!r}'
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+        last = len(choices) - 1
+        return f'"answer" must be the index of the right choice (0 to {last}), got {answer!r}'
+    return None
+
+
+def read_documents(path: str | os.PathLike[str], what: str = "documents") -> list[dict[str, Any]]:
+    """Documents from a JSON-lines file: one object with a "text" string per line.
+
+    Args:
+        path: The file.
+        what: What the file holds, for messages (e.g. "forget data").
+
+    Raises:
+        FileNotFoundError: No file at `path`.
+        ValueError: Invalid JSON, a line without "text", or no documents; the message names the
+            file and the line.
+    """
+    return _read_rows(path, what, _document_problem)
+
+
+def read_items(path: str | os.PathLike[str], what: str = "items") -> list[dict[str, Any]]:
+    """Multiple-choice cloze items from a JSON-lines file ("prompt", "choices", "answer").
+
+    Raises:
+        FileNotFoundError: No file at `path`.
+        ValueError: Invalid JSON, a missing or malformed field, or no items; the message names
+            the file and the line.
+    """
+    return _read_rows(path, what, _item_problem)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,11 @@ Usage:
     >>> with loaded.model.trace("The pathogen Velkor is transmitted by"):
     ...     logits = loaded.model.output.logits.save()
 
-A missing directory, checkpoint or tokenizer raises `FileNotFoundError` saying what exists.
+A missing directory, checkpoint or tokenizer raises `FileNotFoundError` saying what exists. A hub
+name is looked up in the local Hugging Face cache first and loaded from there; one that is not
+cached fails fast, before any loading, when hub access is off (`HF_HUB_OFFLINE=1`) or the hub
+cannot be reached, saying how to get the model. `model_key` keys a model's content without
+loading it (for `unlearn.runs`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any
 import torch
 from nnsight import TransformersModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from unlearn.keys import content_key
 
 CHECKPOINTS_DIR = "checkpoints"
 """Sub-directory of a local model directory that holds its training checkpoints."""
@@ -110,6 +116,88 @@ def resolve_local(path: str | os.PathLike[str], checkpoint: str | None) -> Path:
     return target
 
 
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return constants.HF_HUB_OFFLINE or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def find_hub_model(name: str, revision: str | None = None) -> tuple[str | None, str]:
+    """Where a hub model loads from, checked before any loading: its cached snapshot, if any.
+
+    Args:
+        name: A Hugging Face hub name ("org/model").
+        revision: Branch, tag or commit (default: the main branch).
+
+    Returns:
+        (the cached snapshot directory, or None when the model must be downloaded; its commit).
+
+    Raises:
+        FileNotFoundError: Not cached, and hub access is off or the hub cannot be reached, or the
+            hub has no such model or revision; the message says how to get the model.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at = f" at revision {revision!r}" if revision else ""
+    hint = (
+        f"download it where there is network (e.g. `hf download {name}"
+        + (f" --revision {revision}" if revision else "")
+        + " --local-dir <dir>`) and pass that directory as the model"
+    )
+    try:
+        snapshot = snapshot_download(name, revision=revision, local_files_only=True)
+    except HFValidationError as err:
+        raise FileNotFoundError(
+            f"{name!r} is neither a local model directory nor a Hugging Face hub name ({err})"
+        ) from None
+    except (OSError, ValueError):  # not in the cache (LocalEntryNotFoundError)
+        snapshot = None
+    if snapshot is not None and (Path(snapshot) / "config.json").is_file():
+        return snapshot, Path(snapshot).name
+    if _hub_offline():
+        raise FileNotFoundError(
+            f"model {name!r}{at} is neither a local directory nor in the local Hugging Face cache, "
+            f"and hub access is off (HF_HUB_OFFLINE); {hint}"
+        )
+    try:
+        info = HfApi().model_info(name, revision=revision, timeout=10)
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"the hub model {name!r} has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"no model {name!r} on the Hugging Face hub (or it is private or gated: log in with "
+            "`hf auth login`), and no local directory of that name"
+        ) from None
+    except Exception as err:  # no network: httpx, requests and OS errors, whichever the hub uses
+        raise FileNotFoundError(
+            f"model {name!r}{at} is neither a local directory nor in the local Hugging Face cache, "
+            f"and the hub cannot be reached ({type(err).__name__}: {err}); {hint}"
+        ) from None
+    return None, str(info.sha)
+
+
+def model_key(name_or_path: str | os.PathLike[str], revision: str | None = None) -> str:
+    """A key of a model's content, computed without loading it.
+
+    A local directory is keyed by its files (`unlearn.keys.content_key`, checkpoints included), a
+    hub model by its commit.
+
+    Raises:
+        FileNotFoundError: As `resolve_local` or `find_hub_model`.
+    """
+    source = str(name_or_path)
+    if _looks_local(source):
+        resolve_local(source, revision)
+        return content_key(Path(source).expanduser())
+    return f"hub:{source}@{find_hub_model(source, revision)[1]}"
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 """Any of these in a directory means it holds a tokenizer."""
 
@@ -160,7 +248,7 @@ def load_model(
     Raises:
         ValueError: Conflicting `revision` and `checkpoint`, or an unknown dtype.
         FileNotFoundError: A missing directory, checkpoint or tokenizer (the message lists what
-            exists).
+            exists), or a hub model that is not cached when the hub cannot be reached.
     """
     if revision is not None and checkpoint is not None and revision != checkpoint:
         raise ValueError(f"got revision={revision!r} and checkpoint={checkpoint!r}; pass one")
@@ -172,8 +260,13 @@ def load_model(
         weights_dir: str = str(resolve_local(source, which))
         load_kwargs: dict[str, Any] = {"local_files_only": True}
     else:
-        weights_dir = source
-        load_kwargs = {"revision": which} if which is not None else {}
+        snapshot, _ = find_hub_model(source, which)
+        weights_dir = snapshot if snapshot is not None else source
+        load_kwargs = (
+            {"local_files_only": True}
+            if snapshot is not None
+            else ({"revision": which} if which is not None else {})
+        )
 
     tokenizer_source = str(Path(tokenizer).expanduser()) if tokenizer is not None else weights_dir
     tok = _load_tokenizer(tokenizer_source, load_kwargs)

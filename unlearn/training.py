@@ -15,9 +15,14 @@
   across ranks before the optimizer step (an explicit all-reduce: a step runs several traces of
   the model, some stopped early, which DDP's one-forward-one-backward hooks do not allow);
 - metrics go to `metrics.jsonl` and a progress bar; `eval_fn` runs every `eval_every` steps;
-- the trainable parameters, optimizer and step are saved every `save_every` steps, and a rerun
-  with the same `out_dir` resumes from there and ends with the same result; a NaN or infinite loss
-  stops the run with `FloatingPointError`, leaving the last good state on disk.
+- the trainable parameters, optimizer, step and elapsed time are saved every `save_every` steps,
+  with the settings that shape the run (steps, optimizer, LoRA, seed, batch size, the method's
+  terms and the caller's `run_key`); a rerun with the same `out_dir` and settings resumes from
+  there and ends with the same result, and one with other settings raises `RunMismatchError`
+  saying what differs instead of mixing two runs (`unlearn.train_state`);
+- a state is saved only when every parameter and optimizer tensor is finite; a non-finite loss or
+  gradient norm stops the run with `FloatingPointError` (`on_nonfinite="stop"`, the last finite
+  state stays on disk) or skips that step (`on_nonfinite="skip"`, counted as `skipped_steps`).
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ import copy
 import json
 import math
 import os
+import time
+import warnings
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,9 +47,20 @@ from tqdm.auto import tqdm
 from interventions import StepGraph
 from unlearn.data import PairedBatches
 from unlearn.methods.base import BASE, FORGET, RETAIN, TRAINABLE, Method, extra_models
+from unlearn.train_state import (
+    STATE_FILE,
+    Progress,
+    floating_tensors,
+    is_finite,
+    load_state,
+    save_state,
+)
 
-STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
+
+NonFinitePolicy = Literal["stop", "skip"]
+"""What a step with a NaN or infinite loss or gradient norm does: stop the run with the last
+finite state on disk, or skip the step (no update; counted as `skipped_steps`)."""
 
 LORA_TARGETS: dict[str, list[str]] = {
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
@@ -77,6 +95,19 @@ class OptimSettings:
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Autocast dtype of the forward passes (weights stay fp32)."""
 
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number (0 trains nothing), got {self.lr}")
+        if self.grad_accum < 1:
+            raise ValueError(
+                f"grad_accum must be >= 1 (micro-batches per step), got {self.grad_accum}"
+            )
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError(
+                "warmup_steps, grad_clip and weight_decay must be >= 0, got "
+                f"{self.warmup_steps}, {self.grad_clip}, {self.weight_decay}"
+            )
+
 
 @dataclass(frozen=True)
 class LoraSettings:
@@ -97,6 +128,10 @@ class TrainResult:
     """The trained model (LoRA merged)."""
     history: list[dict[str, float | int]] = field(default_factory=list)
     """One record per logged step (losses, coefficients, evaluations; "step" is an int)."""
+    train_seconds: float = 0.0
+    """Wall time of the run, summed over every segment of a resumed run."""
+    skipped_steps: int = 0
+    """Steps skipped for a non-finite loss or gradient norm (`on_nonfinite="skip"`)."""
 
 
 def distributed_context() -> tuple[int, int]:
@@ -187,33 +222,10 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_state(out_dir: Path, step: int, model: nn.Module, optimizers: list) -> None:
-    tmp = out_dir / (STATE_FILE + ".tmp")
-    torch.save(
-        {
-            "step": step,
-            "params": {k: v.detach().clone() for k, v in _trainable(model).items()},
-            "optimizers": [opt.state_dict() for opt in optimizers],
-        },
-        tmp,
-    )
-    tmp.replace(out_dir / STATE_FILE)
-
-
-def _load_state(out_dir: Path, model: nn.Module, optimizers: list) -> int:
-    state = torch.load(out_dir / STATE_FILE, weights_only=False)
-    params = _trainable(model)
-    if set(state["params"]) != set(params):
-        raise ValueError(
-            f"{out_dir / STATE_FILE} was saved by a run with other trainable parameters; "
-            "use a fresh --out or the same settings"
-        )
-    with torch.no_grad():
-        for name, value in state["params"].items():
-            params[name].copy_(value)
-    for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
-        opt.load_state_dict(opt_state)
-    return int(state["step"])
+def _save_state(
+    out_dir: Path, model: nn.Module, optimizers: list, settings: dict[str, Any], progress: Progress
+) -> None:
+    save_state(out_dir, _trainable(model), optimizers, settings, progress)
 
 
 def _rewind_metrics(path: Path, step: int) -> list[dict[str, Any]]:
@@ -257,6 +269,53 @@ def _micro_step(
     return total * scale, metrics
 
 
+def _train_settings(
+    method: Method,
+    batches: PairedBatches,
+    num_steps: int,
+    optim: OptimSettings,
+    lora: LoraSettings | None,
+    seed: int,
+    on_nonfinite: str,
+    run_key: str | None,
+) -> dict[str, Any]:
+    """The settings that shape a run's trajectory, stored with its state and checked on resume."""
+    return {
+        "num_steps": num_steps,
+        "optim": asdict(optim),
+        "lora": asdict(lora) if lora is not None else None,
+        "seed": seed,
+        "batch_size": batches.batch_size,
+        "method": [type(method).__name__, *(term.name for term in method.terms)],
+        "on_nonfinite": on_nonfinite,
+        "run_key": run_key,
+    }
+
+
+def _check_arguments(
+    num_steps: int,
+    save_every: int,
+    log_every: int,
+    eval_every: int,
+    on_nonfinite: str,
+    batch_size: int,
+    n_micro: int,
+) -> None:
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if save_every < 1 or log_every < 1:
+        raise ValueError(f"save_every and log_every must be >= 1, got {save_every}, {log_every}")
+    if eval_every < 0:
+        raise ValueError(f"eval_every must be >= 0 (0: start and end only), got {eval_every}")
+    if on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+    if batch_size % n_micro:
+        raise ValueError(
+            f"batch_size {batch_size} does not split into {n_micro} micro-batches (ranks x "
+            f"grad_accum); choose a multiple of {n_micro}"
+        )
+
+
 def train(
     model: nn.Module,
     method: Method,
@@ -272,6 +331,8 @@ def train(
     save_every: int = 50,
     log_every: int = 1,
     seed: int = 0,
+    on_nonfinite: NonFinitePolicy = "stop",
+    run_key: str | None = None,
     desc: str = "unlearn",
 ) -> TrainResult:
     """Unlearn with `method` for `num_steps` optimizer steps; resume if `out_dir` holds a state.
@@ -292,17 +353,31 @@ def train(
         log_every: Steps between metric records.
         seed: Seeds torch's generator at every step (seed + step), so random terms such as
             random-target cross-entropy are reproducible and a resumed run matches.
+        on_nonfinite: A NaN or infinite loss or gradient norm stops the run ("stop") or skips
+            the step ("skip": no update, logged as `skipped_steps`, warned about at the end).
+        run_key: What else the caller keys the run by (e.g. `unlearn.runs` keys of its config,
+            inputs and code): a saved state is resumed only under the same key.
         desc: Progress-bar label.
 
     Raises:
-        FloatingPointError: A loss became NaN or infinite (the last saved state is kept).
+        FloatingPointError: A loss or gradient norm became NaN or infinite under "stop", or the
+            weights did (the last finite state is kept).
+        RunMismatchError: `out_dir` holds the state of a run with other settings or `run_key`.
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    rank, world_size = distributed_context()
+    _check_arguments(
+        num_steps,
+        save_every,
+        log_every,
+        eval_every,
+        on_nonfinite,
+        batches.batch_size,
+        world_size * optim.grad_accum,
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rank, world_size = distributed_context()
     device = next(model.parameters()).device
+    settings = _train_settings(method, batches, num_steps, optim, lora, seed, on_nonfinite, run_key)
 
     # The frozen original costs a model's memory: copied only for methods that read it.
     base = copy.deepcopy(model).eval().requires_grad_(False) if _uses_base(method) else None
@@ -316,7 +391,13 @@ def train(
     models.update(extra_models(method))
     step_fn = StepGraph(list(method.nodes)).compile(models)
 
-    start = _load_state(out, trainable, optimizers) if (out / STATE_FILE).exists() else 0
+    saved = (
+        load_state(out, _trainable(trainable), optimizers, settings)
+        if (out / STATE_FILE).exists()
+        else Progress()
+    )
+    start, skipped = saved.step, saved.skipped_steps
+    segment_start, elapsed = time.perf_counter(), saved.elapsed_seconds
     history = _rewind_metrics(out / METRICS_FILE, start) if rank == 0 else []
 
     def log(record: dict[str, Any]) -> None:
@@ -332,6 +413,18 @@ def train(
             scores = eval_fn(trainable)
         trainable.train()
         log({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
+
+    def nonfinite(what: str, step: int) -> FloatingPointError:
+        kept = (
+            f"the last good state (step {last_saved}) is in {out}, finite"
+            if last_saved
+            else "no state was saved yet"
+        )
+        return FloatingPointError(  # steps numbered as in metrics.jsonl (1 = the first)
+            f"{what} at step {step + 1}; {kept}. Lower the learning rate or the coefficients and "
+            "start over (a new output directory, or --overwrite true), or skip such steps "
+            "(on_nonfinite 'skip': --on_nonfinite skip)"
+        )
 
     if start == 0:
         evaluate(0)
@@ -351,6 +444,7 @@ def train(
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
+        step_is_finite = True
         for micro in range(optim.grad_accum):
             # Seeded by the global micro-batch index, so random terms (random-target CE) draw the
             # same numbers whether the global batch is split over ranks or micro-batches.
@@ -365,21 +459,19 @@ def train(
                 1.0 / optim.grad_accum,
                 device,
             )
-            finite = math.isfinite(metrics["loss/total"])
-            if world_size > 1:  # every rank stops together instead of hanging in all_reduce
-                flag = torch.tensor([0.0 if finite else 1.0], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                finite = flag.item() == 0.0
-            if not finite:
-                raise FloatingPointError(  # steps numbered as in metrics.jsonl (1 = the first)
-                    f"loss is {metrics['loss/total']} at step {step + 1} ({metrics}); the last "
-                    f"good state (step {last_saved}) is in {out}; lower the learning rate or the "
-                    "coefficients"
-                )
-            torch.autograd.backward(loss)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value / optim.grad_accum
-        if world_size > 1:
+            step_is_finite = math.isfinite(metrics["loss/total"])
+            if world_size > 1:  # every rank stops or skips together instead of hanging
+                flag = torch.tensor([0.0 if step_is_finite else 1.0], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                step_is_finite = flag.item() == 0.0
+            if not step_is_finite:
+                if on_nonfinite == "stop":
+                    raise nonfinite(f"loss is {metrics['loss/total']} ({metrics})", step)
+                break
+            torch.autograd.backward(loss)
+        if world_size > 1 and step_is_finite:
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -387,25 +479,50 @@ def train(
             packed = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
             dist.all_reduce(packed, op=dist.ReduceOp.AVG)
             sums = dict(zip(sums, packed.tolist(), strict=True))
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
-            if optim.grad_clip > 0
-            else torch.tensor(float("nan"))
-        )
-        for opt in optimizers:
-            opt.step()
+        grad_norm = float("nan")
+        if step_is_finite:
+            # Measured before clipping: clipping a NaN norm would write NaN into every gradient.
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            grad_norm = float(norm)
+            step_is_finite = math.isfinite(grad_norm)
+            if not step_is_finite and on_nonfinite == "stop":
+                raise nonfinite(f"gradient norm is {grad_norm} (loss {sums['loss/total']})", step)
+        if step_is_finite:
+            if optim.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, optim.grad_clip, norm)
+            for opt in optimizers:
+                opt.step()
+        else:
+            skipped += 1
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
         done = step + 1
-        if rank == 0 and (done % log_every == 0 or done == num_steps):
-            log({"step": done, "lr": lr, "grad_norm": float(grad_norm), **sums})
+        if rank == 0 and (done % log_every == 0 or done == num_steps or not step_is_finite):
+            extra = {"skipped_steps": skipped} if skipped else {}
+            log({"step": done, "lr": lr, "grad_norm": grad_norm, **sums, **extra})
             progress.set_postfix(loss=f"{sums['loss/total']:.3f}")
         if done == num_steps or (eval_every and done % eval_every == 0) or done in eval_steps:
             evaluate(done)  # before saving: a run killed in between redoes this evaluation
-        if rank == 0 and (done % save_every == 0 or done == num_steps):
-            _save_state(out, done, trainable, optimizers)
+        if done % save_every == 0 or done == num_steps:
+            # Checked on every rank (they hold the same weights), so all stop together.
+            if not is_finite(floating_tensors(params, optimizers)):
+                raise nonfinite("the weights or optimizer state became NaN or infinite", step)
+            elapsed = saved.elapsed_seconds + time.perf_counter() - segment_start
+            if rank == 0:
+                _save_state(out, trainable, optimizers, settings, Progress(done, elapsed, skipped))
             last_saved = done
         if world_size > 1:
             dist.barrier()
     progress.close()
+    if skipped:
+        warnings.warn(
+            f"{skipped} of {num_steps} steps were skipped for a NaN or infinite loss or gradient "
+            f"norm ({out / METRICS_FILE} marks them with skipped_steps)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     trainable.eval()
     merged = trainable.merge_and_unload() if lora is not None else trainable
-    return TrainResult(model=merged, history=history)
+    # The time up to the final state, as saved: a rerun of a finished run reports the same.
+    return TrainResult(model=merged, history=history, train_seconds=elapsed, skipped_steps=skipped)

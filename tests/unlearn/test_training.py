@@ -77,6 +77,16 @@ def _assert_moved(trained: nn.Module, original: nn.Module) -> None:
     assert any(not torch.equal(value, before[name]) for name, value in _params(trained).items())
 
 
+def _without_readout(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose unembedding and final norm are zeroed (excluded from comparison)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in (model.lm_head, model.gpt_neox.final_layer_norm):
+            for param in module.parameters():
+                param.zero_()
+    return model
+
+
 def _assert_same_params(actual: nn.Module, expected: nn.Module, **tolerance) -> None:
     actual_params, expected_params = _params(actual), _params(expected)
     assert actual_params.keys() == expected_params.keys()
@@ -380,7 +390,13 @@ def test_grad_accum_matches_one_batch_on_equal_token_counts(tiny_lm, tmp_path):
     retain = _documents(tokenizer, [40] * 5, max_len=10)
     assert {len(row) for row in forget.ids + retain.ids} == {10}
     runs = _accum_runs(model, forget, retain, tmp_path)
-    _assert_same_params(runs[2].model, runs[1].model, rtol=1e-5, atol=1e-6)
+    # The lens decodes through a frozen readout, so at step 1 the unembedding and final norm get
+    # only the KL retain term's gradient, which is zero at θ0 up to rounding (~1e-10); Adam turns
+    # rounding noise into steps of a few percent of lr, different for each split of the batch.
+    # Every other parameter's step must match.
+    _assert_same_params(
+        _without_readout(runs[2].model), _without_readout(runs[1].model), rtol=1e-5, atol=1e-6
+    )
     for got, want in zip(
         _train_records(tmp_path / "accum2"), _train_records(tmp_path / "accum1"), strict=True
     ):
