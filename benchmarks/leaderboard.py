@@ -1,20 +1,26 @@
-"""Method leaderboard: every unlearning recipe on the toy world, then the standard tamper attack.
+"""Leaderboard: every unlearning recipe over seeds, attacked by a suite, vs the filtered twin.
 
-Each recipe runs with its committed defaults; its model is attacked with the "full" preset (full
-fine-tune on the attack split, lr 3e-4 constant, 300 steps of 16 x 128 tokens); the unfiltered model
-and the filtered twin are attacked the same way and appear as rows. Columns: held-out forget and
-retain accuracy after unlearning, held-out forget accuracy after 25, 100 and 300 attack steps,
-the peak, the steps until held-out forget accuracy first exceeds the filtered twin's by 10 points
-("held" if never), whether the model is collapsed, and wall times. Writes leaderboard.json,
-leaderboard.md and leaderboard.png (all recovery curves) into --results, with the command and the
-machine.
-Runs go to --out; a rerun reuses finished unlearning runs and attacks.
+For each method and unlearning seed, the recipe runs with its committed defaults (`--seed s`); the
+unlearned model is attacked by every attack of the suite (`unlearn.tamper.ATTACK_SUITES`, default:
+full fine-tunes at lr 1e-4, 3e-4 and 1e-3 and a LoRA attack, 300 steps on attack-split text, attack
+seed s); the unfiltered model and the filtered twin are attacked by the same suite with attack seeds
+0..seeds-1. Every evaluation scores the held-out **test** items (both templates) and retain, per
+item. The metrics (`unlearn.tamper_stats`) are the pre-attack test forget and retain accuracy, the
+excess of the worst case over the suite above the filtered twin's (max and mean over steps), the
+steps until it exceeds 10 points, retain under attack and a collapsed flag, each with a 95%
+bootstrap interval over items and seeds.
+
+Writes leaderboard.json (metrics, config, machine, git SHA and every attack's per-step records with
+per-item credit), leaderboard.md and leaderboard.png into --results. Runs go to --out (default
+`$UNLEARN_HOME/leaderboard/<preset>`), each keyed by its settings, inputs and the code version
+(`unlearn.keys`): a rerun reuses what matches and redoes what does not, so a killed leaderboard
+picks up where it stopped.
 
 Commands:
-    python -m benchmarks.leaderboard                       # ~25 min on 2 CPU cores
-    python -m benchmarks.leaderboard --methods lens_unlearn circuit_breakers
-    python -m benchmarks.leaderboard --world_preset tiny --unlearn_args "--num_steps 2" \
-        --num_steps 2 --out /tmp/lb --results /tmp/lb     # smoke test
+    python -m benchmarks.leaderboard                          # about 2 hours on 2 CPU cores
+    python -m benchmarks.leaderboard --methods lens_unlearn circuit_breakers --seeds 1
+    python -m benchmarks.leaderboard --world_preset tiny --seeds 2 --num_steps 2 \
+        --unlearn_args "--num_steps 2 --batch_size 4" --results /tmp/lb   # smoke test
 """
 
 from __future__ import annotations
@@ -23,115 +29,233 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from simple_parsing import parse
 
-from recipes.retain_ablation import (
-    UNLEARNING_RECIPES,
-    markdown_table,
-    row,
-    unlearn_and_attack,
-)
-from unlearn.experiment import ModelConfig
+from recipes.retain_ablation import UNLEARNING_RECIPES, run_keyed
+from unlearn.experiment import DataConfig, ModelConfig, load_setup
+from unlearn.keys import content_key
 from unlearn.plots import plot_recovery
-from unlearn.provenance import git_sha, machine
-from unlearn.tamper import ATTACK_PRESETS
-from unlearn.tamper_report import CHANCE, FILTERED, UNFILTERED, summarize
+from unlearn.provenance import git_sha, machine, portable_paths
+from unlearn.tamper import suite
+from unlearn.tamper_report import attack_report, control_records
+from unlearn.tamper_stats import CHANCE, Curves, bootstrap_metrics
+from unlearn.toyworld.world import unlearn_home
+
+UNFILTERED, FILTERED = "unfiltered", "filtered twin"
+"""Row labels of the controls."""
 
 
 @dataclass
 class Config:
-    """Leaderboard of the unlearning recipes under the standard tamper attack."""
+    """Leaderboard of the unlearning recipes under an attack suite, over seeds."""
 
     methods: list[str] = field(default_factory=lambda: list(UNLEARNING_RECIPES))
     """Recipes to run (modules of `recipes`)."""
+    seeds: int = 3
+    """Unlearning seeds per method (and attack seeds per control)."""
+    suite: str = "default"
+    """Attack suite (`unlearn.tamper.ATTACK_SUITES`)."""
+    num_steps: int | None = None
+    """Override the suite's attack steps."""
     world_preset: Literal["default", "tiny"] = "default"
     """Toy-world preset."""
     unlearn_args: str = ""
     """Extra flags for every recipe, as one string."""
-    preset: Literal["full", "lora", "repair_then_attack", "benign"] = "full"
-    """Tamper preset."""
-    num_steps: int | None = None
-    """Override the attack's steps."""
-    out: str = "runs/leaderboard"
-    """Where the runs go."""
+    out: str | None = None
+    """Where the runs go (default: $UNLEARN_HOME/leaderboard/<preset>)."""
     results: str = "benchmarks/results"
     """Where leaderboard.{json,md,png} go."""
     device: str = ModelConfig().device
     """Device."""
+    n_boot: int = 1000
+    """Bootstrap replicates of the intervals."""
+
+    def __post_init__(self) -> None:
+        """Check the settings before anything runs.
+
+        Raises:
+            ValueError: Unknown methods or suite, or fewer than one seed.
+        """
+        unknown = set(self.methods) - set(UNLEARNING_RECIPES)
+        if unknown:
+            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {UNLEARNING_RECIPES}")
+        if self.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
+        suite(self.suite)
+
+
+def _trim(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the committed file keeps of tamper records: retain credit only before the attack."""
+    keep = ("step", "forget_acc", "retain_acc", "forget_credit")
+    return [
+        {k: r[k] for k in keep} | ({"retain_credit": r["retain_credit"]} if i == 0 else {})
+        for i, r in enumerate(records)
+    ]
+
+
+def attack_seed(
+    label: str, model_dir: Path, seed: int, cfg: Config, seed_dir: Path
+) -> list[list[dict[str, Any]]]:
+    """Every attack of the suite on the model in `model_dir`, attack seed `seed`."""
+    per_attack = []
+    for name, settings in suite(cfg.suite, cfg.num_steps, seed=seed).items():
+        model_cfg = ModelConfig(world_preset=cfg.world_preset, device=cfg.device)
+        setup = load_setup(model_cfg, DataConfig(), weights=str(model_dir))
+        report = attack_report(
+            setup,
+            settings,
+            seed_dir / "attacks" / name,
+            label=f"{label} seed {seed}, {name}",
+            controls=False,
+            weights=str(model_dir),
+        )
+        per_attack.append(report["records"])
+    return per_attack
 
 
 def main(cfg: Config) -> dict[str, Any]:
-    """Unlearn with every recipe, attack, and write the leaderboard."""
-    unknown = set(cfg.methods) - set(UNLEARNING_RECIPES)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {UNLEARNING_RECIPES}")
-    settings = ATTACK_PRESETS[cfg.preset]
-    if cfg.num_steps is not None:
-        settings = replace(settings, num_steps=cfg.num_steps)
-    args = ["--world_preset", cfg.world_preset, *shlex.split(cfg.unlearn_args)]
-    out, results_dir = Path(cfg.out).expanduser(), Path(cfg.results).expanduser()
-
+    """Run (or reuse) every unlearning run and attack, and write the leaderboard."""
     start = time.perf_counter()
-    runs = {
-        name: unlearn_and_attack(name, args, out / name, settings, cfg.device)
-        for name in cfg.methods
-    }
-    controls = next(iter(runs.values()))["tamper"]["controls"]
-    ceiling, floor = controls[UNFILTERED], controls[FILTERED]
-    original_retain = ceiling[0]["retain_acc"]
-    curves = {"unfiltered": ceiling, "filtered twin": floor} | {
-        name: run["tamper"]["records"] for name, run in runs.items()
-    }
-    rows = []
-    for label, records in curves.items():
-        entry = row(label, records, summarize(records, ceiling, floor, original_retain, CHANCE))
-        run = runs.get(label)
-        entry["unlearn_seconds"] = run["unlearn_seconds"] if run else None
-        entry["attack_seconds"] = run["attack_seconds"] if run else None
-        rows.append(entry)
+    args = ["--world_preset", cfg.world_preset, *shlex.split(cfg.unlearn_args)]
+    out = Path(cfg.out or unlearn_home() / "leaderboard" / cfg.world_preset).expanduser()
+    setup = load_setup(ModelConfig(world_preset=cfg.world_preset, device=cfg.device), DataConfig())
+    world = setup.world
+    assert world is not None
+    world_key = content_key(world.root / "config.json")
 
-    command = "python -m benchmarks.leaderboard " + shlex.join(sys.argv[1:])
+    records: dict[str, list[list[list[dict[str, Any]]]]] = {}
+    seconds: dict[str, dict[str, float]] = {}
+    for control, label in (("unfiltered", UNFILTERED), ("filtered", FILTERED)):
+        records[label] = [
+            [
+                control_records(world, control, setup, settings, cfg.device)
+                for settings in suite(cfg.suite, cfg.num_steps, seed=seed).values()
+            ]
+            for seed in range(cfg.seeds)
+        ]
+    for name in cfg.methods:
+        records[name], seconds[name] = [], {"unlearn": 0.0, "attack": 0.0}
+        for seed in range(cfg.seeds):
+            seed_dir = out / name / f"seed{seed}"
+            seed_args = [*args, "--seed", str(seed)]
+            run, unlearn_seconds = run_keyed(name, seed_args, seed_dir, inputs={"world": world_key})
+            model_dir = run / "model"
+            attack_start = time.perf_counter()
+            records[name].append(attack_seed(name, model_dir, seed, cfg, seed_dir))
+            seconds[name]["unlearn"] += unlearn_seconds
+            seconds[name]["attack"] += time.perf_counter() - attack_start
+
+    curves = {label: Curves.from_records(runs) for label, runs in records.items()}
+    rows = bootstrap_metrics(curves, FILTERED, UNFILTERED, n_boot=cfg.n_boot)
+    sha = git_sha()
     payload = {
-        "command": command.strip(),
+        "format": 2,
+        "command": ("python -m benchmarks.leaderboard " + shlex.join(sys.argv[1:])).strip(),
+        "git_sha": sha.removesuffix("+dirty"),
+        "dirty": sha.endswith("+dirty"),
         "machine": machine(),
-        "git_sha": git_sha(),
-        "config": asdict(cfg),
-        "attack": asdict(settings),
+        "config": portable_paths(asdict(cfg)),
+        "suite": {k: asdict(v) for k, v in suite(cfg.suite, cfg.num_steps).items()},
+        "steps": curves[FILTERED].steps,
+        "n_test_items": int(curves[FILTERED].forget.shape[-1]),
         "rows": rows,
+        "wall_seconds": seconds,
         "seconds": time.perf_counter() - start,
+        "records": {
+            label: [[_trim(r) for r in per_seed] for per_seed in runs]
+            for label, runs in records.items()
+        },
     }
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "leaderboard.json").write_text(json.dumps(payload, indent=2) + "\n")
-    times = "".join(
-        f"| {r['model']} | {r['unlearn_seconds']:.0f} | {r['attack_seconds']:.0f} |\n"
-        for r in rows
-        if r["unlearn_seconds"] is not None
-    )
-    (results_dir / "leaderboard.md").write_text(
-        f"# Method leaderboard ({cfg.world_preset} toy world)\n\n"
-        f"Command: `{payload['command']}` at {payload['git_sha'][:7]}; machine: "
-        f"{payload['machine']['platform']}, {payload['machine']['cpu_threads']} CPU threads, "
-        f"torch {payload['machine']['torch']}.\n\n"
-        f"Attack: {settings.describe()}. Accuracies in % on the held-out forget split (entities "
-        'never in the attack data) and on retain; "forget @N" is after N attack steps; chance '
-        "is 25%.\n\n"
-        + markdown_table(rows)
-        + "\n| method | unlearning wall s | attack wall s |\n|---|---|---|\n"
-        + times
-    )
+    results = Path(cfg.results).expanduser()
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "leaderboard.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (results / "leaderboard.md").write_text(leaderboard_markdown(payload))
     plot_recovery(
-        curves,
-        results_dir / "leaderboard.png",
-        title=f"Leaderboard, {cfg.world_preset} toy world: {settings.describe()}",
+        {
+            label: [
+                {"step": s, "forget_acc": f, "retain_acc": r}
+                for s, f, r in zip(
+                    payload["steps"],
+                    metrics["worst_case"],
+                    curves[label].retain_acc.min(1).mean(0).tolist(),
+                    strict=True,
+                )
+            ]
+            for label, metrics in rows.items()
+        },
+        results / "leaderboard.png",
+        title=f"Worst case over the {cfg.suite} suite, {cfg.world_preset} toy world, "
+        f"mean of {cfg.seeds} seeds (retain: worst attack)",
         chance=CHANCE,
-        original_level=ceiling[0]["forget_acc"],
     )
-    print(f"\n{markdown_table(rows)}\nwrote {results_dir / 'leaderboard.md'}")
+    print(f"\n{leaderboard_table(payload)}\nwrote {results / 'leaderboard.md'}")
     return payload
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _ci(metrics: dict[str, Any], name: str, fmt: Any = _pct) -> str:
+    low, high = metrics[f"{name}_ci"]
+    return f"{fmt(metrics[name])} [{fmt(low)}, {fmt(high)}]"
+
+
+def _step(value: int | None) -> str:
+    return "held" if value is None else str(value)
+
+
+def leaderboard_table(payload: dict[str, Any]) -> str:
+    """The leaderboard's rows as a Markdown table (accuracies and excess in points)."""
+    lines = [
+        "| model | forget (test) | retain | excess max | excess mean | steps to filtered + 10 | "
+        "retain under attack | collapsed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, m in payload["rows"].items():
+        lines.append(
+            f"| {label} | {_ci(m, 'forget_pre')} | {_ci(m, 'retain_pre')} | "
+            f"{_ci(m, 'excess_max')} | {_ci(m, 'excess_mean')} | "
+            f"{_step(m['steps_to_exceed'])} [{_step(m['steps_to_exceed_ci'][0])}, "
+            f"{_step(m['steps_to_exceed_ci'][1])}] | {_pct(m['retain_under_attack'])} | "
+            f"{'yes' if m['collapsed'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def leaderboard_markdown(payload: dict[str, Any]) -> str:
+    """leaderboard.md: provenance, what the columns mean, the table and the wall times."""
+    cfg, mach = payload["config"], payload["machine"]
+    attacks = ", ".join(
+        f"{name} ({'LoRA r' + str(s['lora_rank']) if s['lora_rank'] else 'full'}, lr {s['lr']:g})"
+        for name, s in payload["suite"].items()
+    )
+    steps = next(iter(payload["suite"].values()))["num_steps"]
+    times = "".join(
+        f"| {name} | {t['unlearn']:.0f} | {t['attack']:.0f} |\n"
+        for name, t in payload["wall_seconds"].items()
+    )
+    return (
+        f"# Method leaderboard ({cfg['world_preset']} toy world)\n\n"
+        f"Command: `{payload['command']}` at {payload['git_sha'][:7]}"
+        f"{' (dirty tree)' if payload['dirty'] else ' (clean tree)'}; machine: "
+        f"{mach['platform']}, {mach['cpu_threads']} CPU threads, torch {mach['torch']}.\n\n"
+        f"Attack suite `{cfg['suite']}`: {attacks}; {steps} steps each on attack-split text. "
+        f"{cfg['seeds']} seeds per row (unlearning seeds; attack seeds for the controls). "
+        f"Accuracies in % on {payload['n_test_items']} held-out **test** items (entities never "
+        "in any training or tuning data, both templates) and on retain; chance is 25%. "
+        "**Excess**: the worst case over the suite's attacks minus the filtered twin's (attacked "
+        "by the same suite) at the same step, in points, max and mean over the evaluated steps. "
+        "[low, high]: 95% bootstrap intervals over items and seeds. Retain under attack: the "
+        "lowest retain accuracy of the worst attack over the steps.\n\n"
+        + leaderboard_table(payload)
+        + "\n| method | unlearning wall s (all seeds) | attack wall s (all seeds) |\n"
+        "|---|---|---|\n" + times
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from simple_parsing import parse
-
 from unlearn.data import tokenize_documents
 from unlearn.experiment import (
     DataConfig,
@@ -40,10 +38,12 @@ from unlearn.experiment import (
     TrainingConfig,
     load_setup,
     run_unlearning,
+    start_run,
     summary_table,
 )
 from unlearn.methods import CheckpointTransfer, CheckpointTransferConfig
 from unlearn.models import list_checkpoints, load_model
+from unlearn.runs import run_recipe
 from unlearn.tamper import ATTACK_PRESETS
 from unlearn.tamper_report import attack_report, resolve_model
 from unlearn.transfer import (
@@ -61,6 +61,9 @@ class Config:
 
     out: str = "runs/checkpoint_transfer"
     """Output directory (rerun the same command to resume training)."""
+    overwrite: bool = False
+    """Delete what --out holds and start over (a rerun without it resumes the same run and refuses
+    any other: another recipe, config, model, data or code version)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=32))
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(num_steps=300, lr=1e-3))
@@ -102,12 +105,22 @@ ATTACK_REPORT_STEPS = (25, 100, 300)
 def main(cfg: Config) -> dict[str, float]:
     """Select a teacher, fit maps, unlearn; return results.json's numbers plus the teacher's."""
     out = Path(cfg.out).expanduser()
+    run_key = start_run(
+        out,
+        "checkpoint_transfer",
+        cfg,
+        cfg.model,
+        cfg.data,
+        overwrite=cfg.overwrite,
+        train_cfg=cfg.training,
+        models={"teacher": cfg.method.teacher},
+    )
     setup = load_setup(cfg.model, cfg.data)
     source = cfg.method.teacher or setup.loaded.source
     kind = cfg.data.eval_template if "items" not in setup.items else "items"
     forget_items = [
         *setup.items[kind].get("forget_attack", []),
-        *setup.items[kind]["forget_heldout"],
+        *setup.items[kind]["forget_dev"],
     ]
     revisions = cfg.teacher_revisions or list_checkpoints(source)[:-1]
     scores = sweep_checkpoints(
@@ -165,6 +178,7 @@ def main(cfg: Config) -> dict[str, float]:
         {**asdict(cfg), "selected_teacher": chosen.revision},
         name="checkpoint_transfer",
         setup=setup,
+        run_key=run_key,
     )
 
     print(
@@ -224,4 +238,4 @@ def main(cfg: Config) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(parse(Config, add_config_path_arg=True))
+    run_recipe(main, Config)

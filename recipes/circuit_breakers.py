@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from simple_parsing import parse
-
-from unlearn.experiment import DataConfig, ModelConfig, TrainingConfig, run_unlearning
+from unlearn.experiment import DataConfig, ModelConfig, TrainingConfig, run_unlearning, start_run
 from unlearn.methods import CircuitBreakers, CircuitBreakersConfig
+from unlearn.runs import run_recipe
 
 
 @dataclass
@@ -27,6 +26,9 @@ class Config:
 
     out: str = "runs/circuit_breakers"
     """Output directory (rerun the same command to resume)."""
+    overwrite: bool = False
+    """Delete what --out holds and start over (a rerun without it resumes the same run and refuses
+    any other: another recipe, config, model, data or code version)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=32))
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(num_steps=300, lr=3e-3))
@@ -35,6 +37,15 @@ class Config:
 
 def main(cfg: Config) -> dict[str, float]:
     """Unlearn and return results.json's numbers."""
+    run_key = start_run(
+        cfg.out,
+        "circuit_breakers",
+        cfg,
+        cfg.model,
+        cfg.data,
+        overwrite=cfg.overwrite,
+        train_cfg=cfg.training,
+    )
     results = run_unlearning(
         lambda n_layers: CircuitBreakers(cfg.method, n_layers),
         cfg.model,
@@ -43,6 +54,7 @@ def main(cfg: Config) -> dict[str, float]:
         cfg.out,
         asdict(cfg),
         name="circuit_breakers",
+        run_key=run_key,
     )
     print(
         f"held-out forget {results['forget_acc_before']:.3f} -> {results['forget_acc']:.3f}, "
@@ -52,4 +64,4 @@ def main(cfg: Config) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(parse(Config, add_config_path_arg=True))
+    run_recipe(main, Config)

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from simple_parsing import parse
-
-from unlearn.experiment import DataConfig, ModelConfig, TrainingConfig, run_unlearning
+from unlearn.experiment import DataConfig, ModelConfig, TrainingConfig, run_unlearning, start_run
 from unlearn.methods import LensUnlearn, LensUnlearnConfig
+from unlearn.runs import run_recipe
 
 
 @dataclass
@@ -28,6 +27,9 @@ class Config:
 
     out: str = "runs/lens_unlearn"
     """Output directory (rerun the same command to resume)."""
+    overwrite: bool = False
+    """Delete what --out holds and start over (a rerun without it resumes the same run and refuses
+    any other: another recipe, config, model, data or code version)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=32))
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(num_steps=300, lr=3e-4))
@@ -36,6 +38,16 @@ class Config:
 
 def main(cfg: Config) -> dict[str, float]:
     """Unlearn and return results.json's numbers."""
+    run_key = start_run(
+        cfg.out,
+        "lens_unlearn",
+        cfg,
+        cfg.model,
+        cfg.data,
+        overwrite=cfg.overwrite,
+        train_cfg=cfg.training,
+        paths={"lens_path": cfg.method.lens_path},
+    )
     results = run_unlearning(
         lambda n_layers: LensUnlearn(cfg.method, n_layers, device=cfg.model.device),
         cfg.model,
@@ -44,6 +56,7 @@ def main(cfg: Config) -> dict[str, float]:
         cfg.out,
         asdict(cfg),
         name="lens_unlearn",
+        run_key=run_key,
     )
     print(
         f"held-out forget {results['forget_acc_before']:.3f} -> {results['forget_acc']:.3f}, "
@@ -53,4 +66,4 @@ def main(cfg: Config) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(parse(Config, add_config_path_arg=True))
+    run_recipe(main, Config)

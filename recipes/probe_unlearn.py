@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from simple_parsing import parse
 
 from unlearn.data import tokenize_documents
 from unlearn.experiment import (
@@ -41,11 +40,13 @@ from unlearn.experiment import (
     TrainingConfig,
     load_setup,
     run_unlearning,
+    start_run,
     summary_table,
 )
 from unlearn.methods import ProbeUnlearn, ProbeUnlearnConfig
 from unlearn.models import list_checkpoints, load_model
 from unlearn.probe import save_probes, train_probes
+from unlearn.runs import run_recipe
 from unlearn.transfer import select_checkpoint, sweep_checkpoints, write_sweep
 
 
@@ -55,6 +56,9 @@ class Config:
 
     out: str = "runs/probe_unlearn"
     """Output directory (rerun the same command to resume training)."""
+    overwrite: bool = False
+    """Delete what --out holds and start over (a rerun without it resumes the same run and refuses
+    any other: another recipe, config, model, data or code version)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=32))
     training: TrainingConfig = field(
@@ -103,6 +107,17 @@ class Config:
 def main(cfg: Config) -> dict[str, float]:
     """Select a teacher, train probes, unlearn; return results.json's numbers plus the teacher's."""
     out = Path(cfg.out).expanduser()
+    run_key = start_run(
+        out,
+        "probe_unlearn",
+        cfg,
+        cfg.model,
+        cfg.data,
+        overwrite=cfg.overwrite,
+        train_cfg=cfg.training,
+        paths={"probe_path": cfg.method.probe_path},
+        models={"teacher": cfg.teacher},
+    )
     setup = load_setup(cfg.model, cfg.data)
     model = setup.loaded.hf_model
     extra: dict[str, object] = {}
@@ -115,7 +130,7 @@ def main(cfg: Config) -> dict[str, float]:
             kind = cfg.data.eval_template if "items" not in setup.items else "items"
             forget_items = [
                 *setup.items[kind].get("forget_attack", []),
-                *setup.items[kind]["forget_heldout"],
+                *setup.items[kind]["forget_dev"],
             ]
             revisions = cfg.teacher_revisions or list_checkpoints(source)[:-1]
             # Only forget accuracy decides; scoring retain items too would double the sweep's time.
@@ -164,6 +179,7 @@ def main(cfg: Config) -> dict[str, float]:
         {**asdict(cfg), **extra},
         name="probe_unlearn",
         setup=setup,
+        run_key=run_key,
     )
 
     if "selected_teacher" in extra:
@@ -185,4 +201,4 @@ def main(cfg: Config) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(parse(Config, add_config_path_arg=True))
+    run_recipe(main, Config)

@@ -7,7 +7,8 @@ accuracy is near chance is marked collapsed and never counted as tamper-resistan
 
 Writes to --out: with_retain/ and retain_0/ (the unlearning runs, each with its attack in
 tamper/), ablation.png (recovery curves), ablation.md and ablation.json (the table),
-run_info.json. Rerunning resumes or reuses finished runs.
+run_info.json. Rerunning resumes or reuses finished runs made under the same settings, inputs and
+code version (`unlearn.keys`), and redoes any other.
 
 Commands:
     python -m recipes.retain_ablation --method lens_unlearn
@@ -29,14 +30,17 @@ from typing import Any, Literal
 from simple_parsing import parse
 
 from unlearn.experiment import DataConfig, ModelConfig, load_setup
+from unlearn.keys import result_key
 from unlearn.plots import plot_recovery
 from unlearn.provenance import write_run_info
+from unlearn.runs import run_recipe
 from unlearn.tamper import ATTACK_PRESETS, AttackSettings
 from unlearn.tamper_report import (
     CHANCE,
     FILTERED,
     UNFILTERED,
     attack_report,
+    prepare_keyed,
     resolve_model,
     summarize,
 )
@@ -80,6 +84,43 @@ class Config:
     """Device of the attacks."""
 
 
+def run_keyed(
+    recipe_name: str,
+    args: list[str],
+    out: Path,
+    retain_coef: float | None = None,
+    inputs: dict[str, str] | None = None,
+) -> tuple[Path, float]:
+    """Run an unlearning recipe into out/run, or reuse it if it was made under the same key.
+
+    The key (`unlearn.keys.result_key`) covers the recipe, its whole parsed config, `inputs`
+    (content keys, e.g. of the world) and the code version; a mismatch deletes `out` and reruns.
+
+    Args:
+        recipe_name: Module of `recipes` (one of `UNLEARNING_RECIPES`).
+        args: Flags for the recipe's Config.
+        out: Directory of this run (the recipe writes out/run).
+        retain_coef: Override the method's retain coefficient (0 for the ablation).
+        inputs: Further content keys of what the run depends on.
+
+    Returns:
+        The run's directory and the wall seconds it took (0 when reused).
+    """
+    recipe = importlib.import_module(f"recipes.{recipe_name}")
+    run = out / "run"
+    cfg = parse(recipe.Config, args=[*args, "--out", str(run)])
+    if retain_coef is not None:
+        cfg = replace(cfg, method=replace(cfg.method, retain_coef=retain_coef))
+    if hasattr(cfg, "tamper"):  # the recipe's own attack (checkpoint_transfer): run by callers
+        cfg = replace(cfg, tamper=False)
+    key = result_key({"recipe": recipe_name, "config": asdict(cfg)}, inputs)
+    if prepare_keyed(out, key, done="run/results.json"):
+        return run, 0.0
+    start = time.perf_counter()
+    recipe.main(cfg)
+    return run, time.perf_counter() - start
+
+
 def unlearn_and_attack(
     recipe_name: str,
     args: list[str],
@@ -88,12 +129,12 @@ def unlearn_and_attack(
     device: str,
     retain_coef: float | None = None,
 ) -> dict[str, Any]:
-    """Run an unlearning recipe into `out` (reusing a finished run), then attack its model.
+    """Run an unlearning recipe (`run_keyed`), then attack its model (keyed, out/tamper).
 
     Args:
         recipe_name: Module of `recipes` (one of `UNLEARNING_RECIPES`).
         args: Flags for the recipe's Config.
-        out: The run's output directory; the attack goes to out/tamper.
+        out: The run's directory; the recipe writes out/run, the attack out/tamper.
         settings: The attack.
         device: Device of the attack.
         retain_coef: Override the method's retain coefficient (0 for the ablation).
@@ -102,32 +143,18 @@ def unlearn_and_attack(
         {"unlearn": results.json's numbers, "unlearn_seconds", "attack_seconds", "tamper": the
         attack report (controls without the benign fine-tune)}.
     """
-    recipe = importlib.import_module(f"recipes.{recipe_name}")
-    cfg = parse(recipe.Config, args=[*args, "--out", str(out)])
-    if retain_coef is not None:
-        cfg = replace(cfg, method=replace(cfg.method, retain_coef=retain_coef))
-    if hasattr(cfg, "tamper"):  # the recipe's own attack (checkpoint_transfer): done below
-        cfg = replace(cfg, tamper=False)
-    timing = out / "wall_seconds.json"
-    if not (out / "results.json").exists() or not timing.exists():
-        start = time.perf_counter()
-        recipe.main(cfg)
-        timing.write_text(json.dumps({"unlearn": time.perf_counter() - start}) + "\n")
-    results = json.loads((out / "results.json").read_text())
-    seconds = json.loads(timing.read_text())
-
-    model_cfg, weights = resolve_model(str(out), ModelConfig(device=device))
+    run, unlearn_seconds = run_keyed(recipe_name, args, out, retain_coef)
+    results = json.loads((run / "results.json").read_text())
+    model_cfg, weights = resolve_model(str(run), ModelConfig(device=device))
     setup = load_setup(model_cfg, DataConfig(), weights=weights)
     start = time.perf_counter()
     report = attack_report(
         setup, settings, out / "tamper", label=recipe_name, benign=False, weights=weights
     )
-    seconds.setdefault("attack", time.perf_counter() - start)
-    timing.write_text(json.dumps(seconds) + "\n")
     return {
         "unlearn": results,
-        "unlearn_seconds": seconds["unlearn"],
-        "attack_seconds": seconds["attack"],
+        "unlearn_seconds": unlearn_seconds,
+        "attack_seconds": time.perf_counter() - start,
         "tamper": report,
     }
 
@@ -145,7 +172,7 @@ def row(label: str, records: list[dict[str, Any]], summary: dict[str, Any]) -> d
         "retain_acc": records[0]["retain_acc"],
         **{f"forget_at_{s}": forget_at(records, s) for s in ATTACK_STEPS},
         "forget_peak": summary["forget_acc_peak"],
-        "recovery_at_100": (summary.get("relative_recovery") or {}).get("100"),
+        "excess_max": summary.get("excess_max"),
         "steps_to_exceed_filtered": summary.get("steps_to_exceed_filtered"),
         "collapsed": summary.get("collapsed", False),
     }
@@ -154,12 +181,13 @@ def row(label: str, records: list[dict[str, Any]], summary: dict[str, Any]) -> d
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """Rows as a Markdown table, accuracies in %.
 
-    "recovery @100" is (acc − chance) / (unfiltered attacked − chance) at attack step 100, in %.
+    "excess max" is the largest held-out forget accuracy above the filtered twin's (attacked the
+    same way) at any evaluated step, in points.
     """
     head = (
         "| model | forget | retain | "
         + " | ".join(f"forget @{s}" for s in ATTACK_STEPS)
-        + " | peak | recovery @100 | steps to filtered + 10 | collapsed |"
+        + " | peak | excess max | steps to filtered + 10 | collapsed |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
@@ -171,7 +199,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['model']} | {pct(r['forget_acc'])} | {pct(r['retain_acc'])} | "
             + " | ".join(pct(r[f"forget_at_{s}"]) for s in ATTACK_STEPS)
-            + f" | {pct(r['forget_peak'])} | {pct(r['recovery_at_100'])} | "
+            + f" | {pct(r['forget_peak'])} | {pct(r['excess_max'])} | "
             + f"{'held' if step is None else step} | "
             + f"{'yes' if r['collapsed'] else 'no'} |"
         )
@@ -223,4 +251,4 @@ def main(cfg: Config) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(parse(Config, add_config_path_arg=True))
+    run_recipe(main, Config)

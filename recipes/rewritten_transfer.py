@@ -37,9 +37,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from simple_parsing import parse
-
-from unlearn.data import tokenize_documents
+from unlearn.data import read_documents, tokenize_documents
 from unlearn.experiment import (
     TOYWORLD,
     DataConfig,
@@ -47,6 +45,7 @@ from unlearn.experiment import (
     TrainingConfig,
     load_setup,
     run_unlearning,
+    start_run,
     summary_table,
 )
 from unlearn.methods.rewritten_transfer import (
@@ -54,8 +53,8 @@ from unlearn.methods.rewritten_transfer import (
     RewrittenTransferConfig,
     rewritten_targets,
 )
+from unlearn.runs import run_recipe
 from unlearn.toyworld import build_world, get_preset
-from unlearn.toyworld.world import read_jsonl
 
 
 @dataclass
@@ -70,6 +69,9 @@ class Config:
 
     out: str = "runs/rewritten_transfer"
     """Output directory (rerun the same command to resume training)."""
+    overwrite: bool = False
+    """Delete what --out holds and start over (a rerun without it resumes the same run and refuses
+    any other: another recipe, config, model, data or code version)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=32, use_value_mask=True))
     """Default: 32 forget + 32 retain rows per step; forget terms at value tokens only (with every
@@ -102,9 +104,19 @@ class Config:
 def main(cfg: Config) -> dict[str, float]:
     """Align forget documents with their rewrites, precompute targets, unlearn; return results."""
     out = Path(cfg.out).expanduser()
+    run_key = start_run(
+        out,
+        "rewritten_transfer",
+        cfg,
+        cfg.model,
+        cfg.data,
+        overwrite=cfg.overwrite,
+        train_cfg=cfg.training,
+        documents={"rewritten_data": cfg.rewritten_data},
+    )
     setup = load_setup(cfg.model, cfg.data)
     if cfg.rewritten_data is not None:
-        rewritten_docs = list(read_jsonl(Path(cfg.rewritten_data).expanduser()))
+        rewritten_docs = read_documents(cfg.rewritten_data, "--rewritten_data")
     else:
         world = build_world(
             get_preset(cfg.model.world_preset, seed=cfg.model.world_seed),
@@ -140,6 +152,7 @@ def main(cfg: Config) -> dict[str, float]:
         asdict(cfg),
         name="rewritten_transfer",
         setup=setup,
+        run_key=run_key,
     )
 
     print(summary_table(results))
@@ -147,4 +160,4 @@ def main(cfg: Config) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(parse(Config, add_config_path_arg=True))
+    run_recipe(main, Config)

@@ -22,18 +22,26 @@ Commands:
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from simple_parsing import parse
 
 from unlearn.data import PairedBatches, tokenize_documents
-from unlearn.experiment import DataConfig, ModelConfig, TrainingConfig, evaluate, load_setup
+from unlearn.experiment import (
+    DataConfig,
+    ModelConfig,
+    TrainingConfig,
+    evaluate,
+    load_setup,
+    report,
+    start_run,
+)
 from unlearn.methods.sequential import SequentialConfig, run_sequential
 from unlearn.plots import plot_training
 from unlearn.provenance import write_run_info
+from unlearn.runs import run_recipe
+from unlearn.train_state import saved_train_seconds
 
 
 @dataclass
@@ -42,6 +50,9 @@ class Config:
 
     out: str = "runs/sequential"
     """Output directory (rerun the same command to resume)."""
+    overwrite: bool = False
+    """Delete what --out holds and start over (a rerun without it resumes the same run and refuses
+    any other: another recipe, config, model, data or code version)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=32))
     training: TrainingConfig = field(
@@ -51,16 +62,29 @@ class Config:
     )
     method: SequentialConfig = field(default_factory=SequentialConfig)
 
+    def __post_init__(self) -> None:
+        if self.training.on_nonfinite != "stop":
+            raise ValueError(
+                "recipes.sequential stops at a NaN or infinite loss or gradient; it does not take "
+                f"--on_nonfinite {self.training.on_nonfinite}"
+            )
+
 
 def main(cfg: Config) -> dict[str, float]:
     """Unlearn block by block and return results.json's numbers."""
     out = Path(cfg.out).expanduser()
+    start_run(
+        out, "sequential", cfg, cfg.model, cfg.data, overwrite=cfg.overwrite, train_cfg=cfg.training
+    )
     write_run_info(out, asdict(cfg))
     torch.manual_seed(cfg.training.seed)
     setup = load_setup(cfg.model, cfg.data)
     model, tokenizer = setup.loaded.hf_model.float(), setup.loaded.tokenizer
     headline = cfg.data.eval_template
-    before = evaluate(model, tokenizer, setup.items, headline)
+    before = {
+        **evaluate(model, tokenizer, setup.items, headline),
+        **report(model, tokenizer, setup),
+    }
 
     batches = PairedBatches(
         tokenize_documents(tokenizer, setup.forget_docs, cfg.data.max_len),
@@ -70,12 +94,11 @@ def main(cfg: Config) -> dict[str, float]:
         use_value_mask=cfg.data.use_value_mask,
     )
     eval_items = {
-        kind: {s: v for s, v in splits.items() if s in ("forget_heldout", "retain")}
+        kind: {s: v for s, v in splits.items() if s in ("forget_dev", "retain")}
         for kind, splits in setup.items.items()
         if kind in (headline, "items")
     }
     train_cfg = cfg.training
-    start = time.perf_counter()
     result = run_sequential(
         model,
         cfg.method,
@@ -89,8 +112,11 @@ def main(cfg: Config) -> dict[str, float]:
         save_every=train_cfg.save_every,
         seed=train_cfg.seed,
     )
-    seconds = time.perf_counter() - start
-    after = evaluate(result.model, tokenizer, setup.items, headline)
+    seconds = sum(saved_train_seconds(phase.out_dir) for phase in result.phases)
+    after = {
+        **evaluate(result.model, tokenizer, setup.items, headline),
+        **report(result.model, tokenizer, setup),
+    }
 
     result.model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
@@ -111,11 +137,11 @@ def main(cfg: Config) -> dict[str, float]:
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print(
-        f"held-out forget {before['forget_acc']:.3f} -> {after['forget_acc']:.3f}, "
+        f"test forget {before['forget_acc']:.3f} -> {after['forget_acc']:.3f}, "
         f"retain {before['retain_acc']:.3f} -> {after['retain_acc']:.3f}; {out}"
     )
     return results
 
 
 if __name__ == "__main__":
-    main(parse(Config, add_config_path_arg=True))
+    run_recipe(main, Config)

@@ -3,12 +3,13 @@
 Fine-tunes on the forget domain's attack split (entities disjoint from the held-out evaluation
 items) and evaluates held-out forget and retain accuracy at step 0, early steps, every --eval_every
 steps and the last step. On the toy world it also attacks, with the same settings, the unfiltered
-model (ceiling), the filtered twin (floor) and runs a benign retain-only fine-tune of the model
+model, the filtered twin (the reference) and runs a benign retain-only fine-tune of the model
 (controls; the first two are cached in the world's directory). Writes to --out:
 
     tamper_results.json   settings, one record per evaluation (step, forget_acc, retain_acc,
-                          loss), the controls' records, and a summary (peak, relative recovery,
-                          steps until 10 points above the filtered twin, collapsed or not)
+                          loss, per-item credit), the controls' records, and a summary (peak,
+                          excess over the filtered twin, steps until 10 points above it,
+                          collapsed or not)
     tamper.png            recovery curves with the unfiltered level, chance and the controls
     run_info.json         config, git SHA, machine, command line
 
@@ -28,10 +29,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from simple_parsing import parse
-
-from unlearn.experiment import DataConfig, ModelConfig, load_setup
+from unlearn.experiment import TOYWORLD, DataConfig, ModelConfig, check_inputs, load_setup
 from unlearn.provenance import write_run_info
+from unlearn.runs import check_choices, run_recipe
 from unlearn.tamper import ATTACK_PRESETS
 from unlearn.tamper_report import PLOT_FILE, attack_report, plot_results, resolve_model
 
@@ -83,9 +83,23 @@ class Config:
     eval_items: str | None = None
     """Directory of forget_heldout.jsonl and retain.jsonl items for a non-toy model."""
 
+    def __post_init__(self) -> None:
+        at_least = {"num_steps": 1, "batch_size": 1, "warmup_steps": 0, "lora_rank": 0}
+        at_least["eval_every"] = 0
+        problems = [
+            f"--{name} must be >= {low}, got {value}"
+            for name, low in at_least.items()
+            if (value := getattr(self, name)) is not None and value < low
+        ]
+        if self.lr is not None and not self.lr > 0:
+            problems.append(f"--lr must be a positive number (0 trains nothing), got {self.lr}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 def main(cfg: Config) -> dict:
     """Attack the model (and the controls); return tamper_results.json's contents."""
+    check_choices(cfg)
     out = Path(cfg.out).expanduser()
     if cfg.plot_only:
         plot_results(cfg.plot_only, out / PLOT_FILE)
@@ -113,9 +127,16 @@ def main(cfg: Config) -> dict:
         world_preset=cfg.world_preset, world_seed=cfg.world_seed, device=cfg.device
     )
     model_cfg, weights = resolve_model(cfg.model, defaults)
+    data = (cfg.attack_data, cfg.retain_data, cfg.eval_items)
+    if model_cfg.model.split(":")[0] != TOYWORLD and None in data:
+        raise ValueError(
+            f"model {cfg.model!r} is not the toy world: pass --attack_data, --retain_data and "
+            "--eval_items (JSON-lines documents and a directory of <split>.jsonl items)"
+        )
     data_cfg = DataConfig(
         forget_data=cfg.attack_data, retain_data=cfg.retain_data, eval_items=cfg.eval_items
     )
+    check_inputs(model_cfg, data_cfg)  # files parse and the model exists, before loading it
     setup = load_setup(model_cfg, data_cfg, weights=weights)
     report = attack_report(
         setup,
@@ -154,4 +175,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse(Config, add_config_path_arg=True))
+    run_recipe(main, Config)

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from simple_parsing import parse
-
+from unlearn.runs import run_recipe
 from unlearn.toyworld import ITEM_SPLITS, build_world, get_preset
 
 
@@ -76,4 +75,4 @@ def main(cfg: Config) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(parse(Config, add_config_path_arg=True))
+    run_recipe(main, Config)

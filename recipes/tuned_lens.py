@@ -2,9 +2,10 @@
 
 For each block output but the last, fits an identity-initialized affine map so that decoding it
 through the final norm and unembedding matches the model's own output distribution (KL), on the toy
-world's pretraining text (both domains). Then reports, per layer, KL(p_final ‖ p_lens) on held-out
-validation text for the logit lens and the tuned lens. Writes lens/ (safetensors), comparison.json,
-lens_kl.png and run_info.json to --out; pass `--lens_path <out>/lens` to recipes.lens_unlearn.
+world's pretraining text (both domains, without the held-out test entities). Then reports, per
+layer, KL(p_final ‖ p_lens) on held-out validation text for the logit lens and the tuned lens.
+Writes lens/ (safetensors), comparison.json, lens_kl.png and run_info.json to --out; pass
+`--lens_path <out>/lens` to recipes.lens_unlearn.
 
 Commands:
     python -m recipes.tuned_lens --out runs/tuned_lens
@@ -20,16 +21,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from simple_parsing import parse
 
-from unlearn.data import tokenize_documents
-from unlearn.experiment import TOYWORLD, ModelConfig
+from unlearn.data import read_documents, tokenize_documents
+from unlearn.experiment import TOYWORLD, ModelConfig, start_run
 from unlearn.lens import TunedLens, lens_kl, train_tuned_lens
 from unlearn.models import load_model
 from unlearn.plots import plot_lens_comparison
 from unlearn.provenance import write_run_info
+from unlearn.runs import run_recipe
 from unlearn.toyworld import build_world, get_preset
-from unlearn.toyworld.world import read_jsonl
+from unlearn.toyworld.world import TEST
 
 
 @dataclass
@@ -37,7 +38,10 @@ class Config:
     """Tuned-lens training and comparison."""
 
     out: str = "runs/tuned_lens"
-    """Output directory."""
+    """Output directory (rerun the same command to redo the run there)."""
+    overwrite: bool = False
+    """Delete what --out holds and start over (without it, a folder that holds another run, or
+    files of no keyed run, is refused)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     train_data: str | None = None
     """JSON-lines documents to fit on (default: the toy world's pretraining text)."""
@@ -54,10 +58,28 @@ class Config:
     seed: int = 0
     """Seed of the document order."""
 
+    def __post_init__(self) -> None:
+        if min(self.num_steps, self.batch_size) < 1 or self.max_len < 2 or not self.lr > 0:
+            raise ValueError(
+                "--num_steps and --batch_size must be >= 1, --max_len >= 2 and --lr > 0; got "
+                f"{self.num_steps}, {self.batch_size}, {self.max_len}, {self.lr}"
+            )
+        is_toy = self.model.model.split(":")[0] == TOYWORLD
+        if not is_toy and (self.train_data is None or self.eval_data is None):
+            raise ValueError("a model other than the toy world needs --train_data and --eval_data")
+
 
 def main(cfg: Config) -> dict[str, float]:
     """Train, compare, save; return the mean per-layer KL of both lenses."""
     out = Path(cfg.out).expanduser()
+    start_run(
+        out,
+        "tuned_lens",
+        cfg,
+        cfg.model,
+        overwrite=cfg.overwrite,
+        documents={"train_data": cfg.train_data, "eval_data": cfg.eval_data},
+    )
     write_run_info(out, asdict(cfg))
     torch.manual_seed(cfg.seed)
     source = cfg.model.model
@@ -67,14 +89,23 @@ def main(cfg: Config) -> dict[str, float]:
             preset=cfg.model.world_preset,
         )
         source = str(world.model_dir(source.partition(":")[2] or "unfiltered"))
-        train_docs = world.corpus("pretrain_retain") + world.corpus("pretrain_forget")
-        eval_docs = world.corpus("val_retain") + world.corpus("val_forget")
-    elif cfg.train_data is None or cfg.eval_data is None:
-        raise ValueError("a model other than the toy world needs --train_data and --eval_data")
+        # Text that states test facts never trains the lens (the held-out test split is only
+        # reported on); dev and attack entities may.
+        test = set(world.heldout_entities()[TEST])
+        train_docs = [
+            doc
+            for doc in world.corpus("pretrain_retain") + world.corpus("pretrain_forget")
+            if doc["entity"] not in test
+        ]
+        eval_docs = [
+            doc
+            for doc in world.corpus("val_retain") + world.corpus("val_forget")
+            if doc["entity"] not in test
+        ]
     if cfg.train_data is not None:
-        train_docs = list(read_jsonl(Path(cfg.train_data)))
+        train_docs = read_documents(cfg.train_data, "--train_data")
     if cfg.eval_data is not None:
-        eval_docs = list(read_jsonl(Path(cfg.eval_data)))
+        eval_docs = read_documents(cfg.eval_data, "--eval_data")
     loaded = load_model(source, revision=cfg.model.revision, device=cfg.model.device)
     model, tokenizer = loaded.hf_model, loaded.tokenizer
 
@@ -115,4 +146,4 @@ def main(cfg: Config) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(parse(Config, add_config_path_arg=True))
+    run_recipe(main, Config)

@@ -14,6 +14,10 @@ model is an nnsight wrapper or when ``remote=`` asks for a non-local run (NDIF, 
 nnsight's ``"local"`` simulation; see `interventions.remote`), or by calling the module otherwise.
 Only the chosen log-probabilities travel back from a remote run, not the logits.
 
+Test items (split "forget_test": held-out entities kept for reporting) are scored only inside
+`reporting()`, the context of final reporting; anywhere else `evaluate_mc` refuses them, so a
+choice made from scores (a default, a checkpoint, a threshold, early stopping) can never see them.
+
 Usage:
     >>> loaded = load_model("path/to/model")
     >>> results = evaluate_splits(loaded.model, loaded.tokenizer, {"retain": items})
@@ -22,7 +26,9 @@ Usage:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -36,6 +42,42 @@ from interventions.remote import CapturingBackend, as_remote, make_backend, wait
 
 TIE_ATOL = 1e-5
 """Scores within this many nats of the best count as tied."""
+
+TEST_SPLIT = "forget_test"
+"""The "split" value of items kept for final reporting."""
+
+_REPORTING: ContextVar[bool] = ContextVar("reporting", default=False)
+
+
+class ReportOnlyItemsError(RuntimeError):
+    """Test items were about to be scored outside `reporting()`."""
+
+
+@contextmanager
+def reporting() -> Iterator[None]:
+    """Final reporting: the only context in which test items may be scored."""
+    token = _REPORTING.set(True)
+    try:
+        yield
+    finally:
+        _REPORTING.reset(token)
+
+
+def is_reporting() -> bool:
+    """Whether the caller runs inside `reporting()`."""
+    return _REPORTING.get()
+
+
+def _check_not_test(items: Sequence[Mapping[str, Any]]) -> None:
+    if _REPORTING.get():
+        return
+    n_test = sum(1 for item in items if item.get("split") == TEST_SPLIT)
+    if n_test:
+        raise ReportOnlyItemsError(
+            f"{n_test} test items ({TEST_SPLIT!r}) would be scored outside final reporting; "
+            "tune, select and monitor on the dev split (forget_dev) and score test items only "
+            "inside unlearn.eval.reporting()"
+        )
 
 
 @dataclass(frozen=True)
@@ -54,6 +96,28 @@ class MCResult:
     def as_dict(self) -> dict[str, float]:
         """The summary numbers (without the per-item credit)."""
         return {"acc": self.acc, "acc_norm": self.acc_norm, "n": self.n}
+
+
+def encode_credit(credit: Sequence[float]) -> str:
+    """Per-item credit as one character an item: "0", "1", or "k" for a k-way tie (1/k).
+
+    Compact enough to keep every evaluation's items in a results file (for bootstrap intervals).
+
+    Raises:
+        ValueError: A credit that is not 0, 1 or 1/k for k in 2..9.
+    """
+    chars = []
+    for value in credit:
+        k = 1 if value == 1 else (round(1 / value) if value > 0 else 0)
+        if k > 9 or (k and abs(value - 1 / k) > 1e-9):
+            raise ValueError(f"credit {value} is not 0, 1 or 1/k for k in 2..9")
+        chars.append(str(k))
+    return "".join(chars)
+
+
+def decode_credit(encoded: str) -> list[float]:
+    """The per-item credit `encode_credit` wrote."""
+    return [0.0 if c == "0" else 1.0 / int(c) for c in encoded]
 
 
 def _module_device(model: Any) -> torch.device:
@@ -237,11 +301,13 @@ def evaluate_mc(
     Raises:
         ValueError: No items, items with differing numbers of choices, or an answer index out of
             range.
+        ReportOnlyItemsError: Test items outside `reporting()`.
     """
     if len(items) == 0:
         raise ValueError(
             "cannot evaluate an empty item set; check the split name and the data path"
         )
+    _check_not_test(items)
     n_choices = {len(item["choices"]) for item in items}
     if len(n_choices) != 1:
         raise ValueError(f"all items need the same number of choices, found {sorted(n_choices)}")

@@ -3,9 +3,12 @@
 Recipes share three config groups (the tuned-lens "ingredients"): `ModelConfig` (the toy world by
 default, or any Hugging Face name or local directory), `DataConfig` (forget/retain documents and
 evaluation items; the toy world's by default) and `TrainingConfig` (steps, optimizer, LoRA,
-evaluation and saving). `run_unlearning` evaluates the model, trains it with a method through
-`unlearn.training.train`, evaluates it again and writes, into the output directory:
+evaluation and saving). `run_unlearning` checks every input and claims the output directory
+before any model loads (`start_run`: files exist and parse, the folder holds nothing of another
+run), evaluates the model, trains it with a method through `unlearn.training.train`, evaluates it
+again and writes, into the output directory:
 
+    run_key.json      what the run is keyed by: recipe, config, input content, code version
     run_info.json     the full config, git SHA, machine and command line
     metrics.jsonl     losses, coefficients and evaluations over steps
     training.png      those curves
@@ -13,30 +16,34 @@ evaluation and saving). `run_unlearning` evaluates the model, trains it with a m
     results.json      forget_acc (held-out forget items), retain_acc, the same before unlearning,
                       the attack-split and seen-template accuracies where the items exist
 
-A rerun with the same output directory resumes training where it stopped.
+A rerun of the same command resumes training where it stopped; a rerun with anything different
+(config, recipe, model or data content, code) refuses and says what differs (`unlearn.runs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import time
+import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from unlearn.data import PairedBatches, tokenize_documents
-from unlearn.eval import evaluate_mc
+from unlearn.data import PairedBatches, read_documents, read_items, tokenize_documents
+from unlearn.eval import evaluate_mc, reporting
+from unlearn.keys import content_key
 from unlearn.methods.base import Method
-from unlearn.models import LoadedModel, load_model
+from unlearn.models import LoadedModel, load_model, model_key
 from unlearn.plots import plot_training
 from unlearn.provenance import write_run_info
+from unlearn.runs import check_choices, claim_run_dir
 from unlearn.toyworld import MODEL_NAMES, build_world, get_preset
-from unlearn.toyworld.world import ToyWorld, read_jsonl
-from unlearn.training import LoraSettings, OptimSettings, train
+from unlearn.toyworld.world import DEV, TEST, ToyWorld
+from unlearn.training import LoraSettings, NonFinitePolicy, OptimSettings, train
 
 TOYWORLD = "toyworld"
 """`--model` value meaning the toy world's unfiltered model ("toyworld:filtered" for the twin)."""
@@ -71,8 +78,8 @@ class DataConfig:
     retain_data: str | None = None
     """JSON-lines retain documents; default: the toy world's retain corpus."""
     eval_items: str | None = None
-    """Directory of <split>.jsonl cloze items (forget_heldout and retain, optionally
-    forget_attack); default: the toy world's items."""
+    """Directory of <split>.jsonl cloze items: forget_dev (tuning), forget_test (reported only),
+    retain, optionally forget_attack; default: the toy world's items."""
     eval_template: Literal["reserved", "seen"] = "reserved"
     """Which toy-world template the headline numbers use (the other is reported too)."""
     max_len: int = 128
@@ -83,6 +90,15 @@ class DataConfig:
     """Apply forget losses only at value tokens (per-token unlearning)."""
     max_forget_docs: int | None = None
     """Use only the first N forget documents."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_len < 2:
+            raise ValueError(
+                f"--batch_size must be >= 1 and --max_len >= 2, got {self.batch_size}, "
+                f"{self.max_len}"
+            )
+        if self.max_forget_docs is not None and self.max_forget_docs < 1:
+            raise ValueError(f"--max_forget_docs must be >= 1, got {self.max_forget_docs}")
 
 
 @dataclass
@@ -117,6 +133,23 @@ class TrainingConfig:
     """Steps between resumable states."""
     seed: int = 0
     """Seed of data order and random loss targets."""
+    on_nonfinite: NonFinitePolicy = "stop"
+    """A step with a NaN or infinite loss or gradient norm stops the run, keeping the last finite
+    state ("stop"), or is skipped without an update ("skip"; counted as skipped_steps)."""
+
+    def __post_init__(self) -> None:
+        counts = {"num_steps": self.num_steps, "grad_accum": self.grad_accum}
+        counts["save_every"] = self.save_every
+        problems = [
+            f"--{name} must be >= 1, got {value}" for name, value in counts.items() if value < 1
+        ]
+        for name in ("eval_every", "warmup_steps", "lora_rank", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"--lr must be a positive number (0 trains nothing), got {self.lr}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def optim_settings(self) -> OptimSettings:
         """The optimizer settings `unlearn.training.train` takes."""
@@ -144,16 +177,160 @@ class Setup:
     forget_docs: list[dict[str, Any]]
     retain_docs: list[dict[str, Any]]
     items: dict[str, dict[str, list[dict[str, Any]]]]
-    """Template kind ("reserved"/"seen"/"items") -> split -> items."""
+    """Template kind ("reserved"/"seen"/"items") -> split -> items, for tuning and monitoring:
+    forget_attack, forget_dev, retain (never test)."""
     world: ToyWorld | None = None
     """The toy world the data came from (None for user-supplied data)."""
+    test_items: list[dict[str, Any]] = field(default_factory=list)
+    """Held-out test items (both template kinds), scored only by `report` (final reporting)."""
 
 
-def _read_docs(path: str, what: str) -> list[dict[str, Any]]:
-    docs = list(read_jsonl(Path(path).expanduser()))
-    if not docs:
-        raise ValueError(f"{what} file {path} holds no documents")
-    return docs
+def read_item_splits(root: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """The item splits of a directory of <split>.jsonl files, every line checked.
+
+    Raises:
+        FileNotFoundError: No such directory.
+        ValueError: A malformed line (file and line named), or no forget_dev, forget_test or
+            retain split.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"--eval_items {root} is not a directory of <split>.jsonl items")
+    splits = {p.stem: read_items(p, f"{p.stem} items") for p in sorted(root.glob("*.jsonl"))}
+    missing = {DEV, TEST, "retain"} - splits.keys()
+    if missing:
+        raise ValueError(f"{root} lacks {sorted(missing)}.jsonl; it holds {sorted(splits)}")
+    return splits
+
+
+def model_source(model_cfg: ModelConfig) -> tuple[str, ToyWorld | None]:
+    """The name or directory the config's model loads from, and its toy world (built if needed).
+
+    Raises:
+        ValueError: An unknown toy-world model name.
+    """
+    if model_cfg.model.split(":")[0] != TOYWORLD:
+        return model_cfg.model, None
+    name = model_cfg.model.partition(":")[2] or "unfiltered"
+    if name not in MODEL_NAMES:
+        raise ValueError(
+            f"unknown toy-world model {name!r}; use toyworld[:{'|'.join(MODEL_NAMES)}]"
+        )
+    world = build_world(
+        get_preset(model_cfg.world_preset, seed=model_cfg.world_seed),
+        preset=model_cfg.world_preset,
+    )
+    return str(world.model_dir(name)), world
+
+
+def _check_data_given(source: str, data_cfg: DataConfig) -> None:
+    if None in (data_cfg.forget_data, data_cfg.retain_data, data_cfg.eval_items):
+        raise ValueError(
+            f"model {source!r} is not the toy world: pass --forget_data, --retain_data and "
+            "--eval_items (JSON-lines documents and a directory of <split>.jsonl items)"
+        )
+
+
+def check_inputs(
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig | None = None,
+    *,
+    train_cfg: TrainingConfig | None = None,
+    documents: Mapping[str, str | None] | None = None,
+    paths: Mapping[str, str | None] | None = None,
+    models: Mapping[str, str | None] | None = None,
+) -> dict[str, str]:
+    """Check every input the configs name without loading a model, and key each one's content.
+
+    Data files must exist and parse with their required fields, a local model must be a saved
+    model, and a hub model must be cached or reachable (`unlearn.models.model_key`). The toy world
+    is built if needed.
+
+    Args:
+        model_cfg: The model.
+        data_cfg: Its forget/retain documents and evaluation items.
+        train_cfg: Training settings checked against the data (batch size and grad_accum).
+        documents: Further JSON-lines document files by name (e.g. rewritten documents).
+        paths: Further files or directories by name (e.g. a saved lens); None values are skipped.
+        models: Further models by name (e.g. a teacher); None values are skipped.
+
+    Returns:
+        Content keys by input name ("model", the data files' flag names, "world_data", ...).
+
+    Raises:
+        ValueError: Missing data for a non-toy model, a malformed file (file and line named), or
+            a batch size that grad_accum does not divide.
+        FileNotFoundError: A missing file, directory or model.
+    """
+    keys: dict[str, str] = {}
+    is_toy = model_cfg.model.split(":")[0] == TOYWORLD
+    if data_cfg is not None:
+        if not is_toy:
+            _check_data_given(model_cfg.model, data_cfg)
+        if train_cfg is not None and data_cfg.batch_size % train_cfg.grad_accum:
+            raise ValueError(
+                f"--batch_size {data_cfg.batch_size} does not split into --grad_accum "
+                f"{train_cfg.grad_accum} micro-batches; choose a multiple of {train_cfg.grad_accum}"
+            )
+        for name in ("forget_data", "retain_data"):
+            if (path := getattr(data_cfg, name)) is not None:
+                read_documents(path, f"--{name}")
+                keys[name] = content_key(Path(path).expanduser())
+        if data_cfg.eval_items is not None:
+            read_item_splits(data_cfg.eval_items)
+            keys["eval_items"] = content_key(Path(data_cfg.eval_items).expanduser())
+    for name, path in (documents or {}).items():
+        if path is not None:
+            read_documents(path, f"--{name}")
+            keys[name] = content_key(Path(path).expanduser())
+    for name, path in (paths or {}).items():
+        if path is not None:
+            if not Path(path).expanduser().exists():
+                raise FileNotFoundError(f"--{name} {path} does not exist")
+            keys[name] = content_key(Path(path).expanduser())
+    source, world = model_source(model_cfg)
+    keys["model"] = model_key(source, model_cfg.revision)
+    if world is not None:
+        keys["world_data"] = content_key(world.root / "data")
+    for name, model in (models or {}).items():
+        if model is not None:
+            keys[name] = model_key(model)
+    return keys
+
+
+def start_run(
+    out: str | Path,
+    recipe: str,
+    cfg: Any,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig | None = None,
+    *,
+    overwrite: bool = False,
+    **inputs: Any,
+) -> dict[str, Any]:
+    """Check a recipe's config and inputs, then claim its output folder; before any model loads.
+
+    Args:
+        out: The output folder.
+        recipe: The recipe's name.
+        cfg: Its config (a dataclass, whose `Literal` choices are checked, or `asdict` of one).
+        model_cfg: The model.
+        data_cfg: The data.
+        overwrite: Clear the folder first (`unlearn.runs.claim_run_dir`).
+        **inputs: `check_inputs`' keyword arguments (train_cfg, documents, paths, models).
+
+    Returns:
+        The run's key (pass `key["key"]` to `unlearn.training.train`).
+
+    Raises:
+        ValueError: A bad choice or input (see `check_inputs`).
+        RunMismatchError: The folder holds another run.
+    """
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        check_choices(cfg)
+        cfg = dataclasses.asdict(cfg)
+    keys = check_inputs(model_cfg, data_cfg, **inputs)
+    return claim_run_dir(out, recipe, cfg, keys, overwrite=overwrite)
 
 
 def load_setup(model_cfg: ModelConfig, data_cfg: DataConfig, weights: str | None = None) -> Setup:
@@ -163,73 +340,77 @@ def load_setup(model_cfg: ModelConfig, data_cfg: DataConfig, weights: str | None
     `model_cfg` implies: the toy world's for a toy-world config.
 
     Raises:
-        ValueError: A non-toy model without forget/retain data or evaluation items.
+        ValueError: A non-toy model without forget/retain data or evaluation items, or a
+            malformed data file (file and line named).
     """
-    world = None
-    if model_cfg.model.split(":")[0] == TOYWORLD:
-        name = model_cfg.model.partition(":")[2] or "unfiltered"
-        if name not in MODEL_NAMES:
-            raise ValueError(
-                f"unknown toy-world model {name!r}; use toyworld[:{'|'.join(MODEL_NAMES)}]"
-            )
-        world = build_world(
-            get_preset(model_cfg.world_preset, seed=model_cfg.world_seed),
-            preset=model_cfg.world_preset,
-        )
-        source: str = str(world.model_dir(name))
+    source, world = model_source(model_cfg)
+    if world is None:
+        _check_data_given(source, data_cfg)
+    forget = (
+        read_documents(data_cfg.forget_data, "--forget_data")
+        if data_cfg.forget_data
+        else world.corpus("forget_attack")  # type: ignore[union-attr]
+    )
+    retain = (
+        read_documents(data_cfg.retain_data, "--retain_data")
+        if data_cfg.retain_data
+        else world.corpus("retain")  # type: ignore[union-attr]
+    )
+    if data_cfg.max_forget_docs is not None:
+        forget = forget[: data_cfg.max_forget_docs]
+    if data_cfg.eval_items is not None:
+        splits = read_item_splits(data_cfg.eval_items)
+        items = {"items": {split: rows for split, rows in splits.items() if split != TEST}}
+        test_items = [{**row, "split": TEST} for row in splits[TEST]]
     else:
-        source = model_cfg.model
-    if world is None and (
-        data_cfg.forget_data is None or data_cfg.retain_data is None or data_cfg.eval_items is None
-    ):
-        raise ValueError(
-            f"model {source!r} is not the toy world: pass --forget_data, --retain_data and "
-            "--eval_items (JSON-lines documents and a directory of <split>.jsonl items)"
-        )
+        items = {kind: world.items_by_split(kind) for kind in ("reserved", "seen")}  # type: ignore[union-attr]
+        test_items = world.test_items()  # type: ignore[union-attr]
     loaded = load_model(
         weights or source,
         revision=None if weights else model_cfg.revision,
         dtype=model_cfg.dtype,
         device=model_cfg.device,
     )
-    forget = (
-        _read_docs(data_cfg.forget_data, "forget")
-        if data_cfg.forget_data
-        else world.corpus("forget_attack")
-    )  # type: ignore[union-attr]
-    retain = (
-        _read_docs(data_cfg.retain_data, "retain")
-        if data_cfg.retain_data
-        else world.corpus("retain")
-    )  # type: ignore[union-attr]
-    if data_cfg.max_forget_docs is not None:
-        forget = forget[: data_cfg.max_forget_docs]
-    if data_cfg.eval_items is not None:
-        root = Path(data_cfg.eval_items).expanduser()
-        splits = {p.stem: list(read_jsonl(p)) for p in sorted(root.glob("*.jsonl"))}
-        missing = {"forget_heldout", "retain"} - splits.keys()
-        if missing:
-            raise ValueError(f"{root} lacks {sorted(missing)}.jsonl; it holds {sorted(splits)}")
-        items = {"items": splits}
-    else:
-        items = {kind: world.items_by_split(kind) for kind in ("reserved", "seen")}  # type: ignore[union-attr]
-    return Setup(loaded, forget, retain, items, world)
+    return Setup(loaded, forget, retain, items, world, test_items)
 
 
 def evaluate(
     model: nn.Module, tokenizer: Any, items: Mapping[str, Mapping[str, Sequence]], headline: str
 ) -> dict[str, float]:
-    """Accuracy on every item split, plus `forget_acc` (the held-out forget accuracy).
+    """Accuracy on every (tuning) item split, plus `dev_forget_acc`: dev forget over all kinds.
 
     Keys are `<split>_acc` for the headline template kind and `<split>_acc_<kind>` for the others.
     """
     scores: dict[str, float] = {}
+    dev_credit: list[float] = []
     for kind, splits in items.items():
         suffix = "" if kind in (headline, "items") else f"_{kind}"
         for split, split_items in splits.items():
-            scores[f"{split}_acc{suffix}"] = evaluate_mc(model, tokenizer, split_items).acc
-    scores["forget_acc"] = scores["forget_heldout_acc"]
+            result = evaluate_mc(model, tokenizer, split_items)
+            scores[f"{split}_acc{suffix}"] = result.acc
+            if split == DEV:
+                dev_credit += result.correct
+    if dev_credit:
+        scores["dev_forget_acc"] = sum(dev_credit) / len(dev_credit)
     return scores
+
+
+def report(model: nn.Module, tokenizer: Any, setup: Setup) -> dict[str, float]:
+    """Final reporting: test forget accuracy (`forget_acc`, both template kinds) and retain.
+
+    The only place an unlearning run scores test items (`unlearn.eval.reporting`); nothing
+    downstream of it makes a choice.
+
+    Raises:
+        ValueError: The setup has no test items.
+    """
+    if not setup.test_items:
+        raise ValueError("no test items to report on: the setup was loaded without them")
+    kind = "items" if "items" in setup.items else "reserved"
+    with reporting():
+        forget = evaluate_mc(model, tokenizer, setup.test_items)
+        retain = evaluate_mc(model, tokenizer, setup.items[kind]["retain"])
+    return {"forget_acc": forget.acc, "retain_acc": retain.acc}
 
 
 def run_unlearning(
@@ -241,22 +422,45 @@ def run_unlearning(
     config: dict[str, Any],
     name: str = "unlearn",
     setup: Setup | None = None,
+    run_key: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, float]:
     """Evaluate, unlearn with the method `make_method(n_layers)`, evaluate, and write the outputs.
 
-    `setup` reuses a model and data already loaded by `load_setup` (else they are loaded here).
+    Args:
+        make_method: The method for a model with that many blocks.
+        model_cfg: The model.
+        data_cfg: The data.
+        train_cfg: The training.
+        out_dir: The output folder.
+        config: What run_info.json records (the recipe's config and any extras).
+        name: The recipe's name (progress bar, plot title and run key).
+        setup: A model and data already loaded by `load_setup` (else they are loaded here).
+        run_key: The key `start_run` returned for this run; without it, `start_run` checks the
+            inputs and claims `out_dir` here, before loading anything.
+        overwrite: Without `run_key`: clear `out_dir` first.
 
     Returns:
         The contents of results.json.
+
+    Raises:
+        RunMismatchError: `out_dir` holds another run.
     """
     out = Path(out_dir).expanduser()
+    if run_key is None:
+        run_key = start_run(
+            out, name, config, model_cfg, data_cfg, overwrite=overwrite, train_cfg=train_cfg
+        )
     write_run_info(out, config)
     torch.manual_seed(train_cfg.seed)
     setup = setup if setup is not None else load_setup(model_cfg, data_cfg)
     model, tokenizer = setup.loaded.hf_model.float(), setup.loaded.tokenizer
     method = make_method(model.config.num_hidden_layers)
     headline = data_cfg.eval_template
-    before = evaluate(model, tokenizer, setup.items, headline)
+    before = {
+        **evaluate(model, tokenizer, setup.items, headline),
+        **report(model, tokenizer, setup),
+    }
 
     batches = PairedBatches(
         tokenize_documents(tokenizer, setup.forget_docs, data_cfg.max_len),
@@ -266,11 +470,10 @@ def run_unlearning(
         use_value_mask=data_cfg.use_value_mask,
     )
     eval_items = {
-        kind: {s: v for s, v in splits.items() if s in ("forget_heldout", "retain")}
+        kind: {s: v for s, v in splits.items() if s in (DEV, "retain")}
         for kind, splits in setup.items.items()
         if kind in (headline, "items")
     }
-    start = time.perf_counter()
     result = train(
         model,
         method,
@@ -283,10 +486,14 @@ def run_unlearning(
         eval_every=train_cfg.eval_every,
         save_every=train_cfg.save_every,
         seed=train_cfg.seed,
+        on_nonfinite=train_cfg.on_nonfinite,
+        run_key=run_key["key"],
         desc=name,
     )
-    seconds = time.perf_counter() - start
-    after = evaluate(result.model, tokenizer, setup.items, headline)
+    after = {
+        **evaluate(result.model, tokenizer, setup.items, headline),
+        **report(result.model, tokenizer, setup),
+    }
 
     result.model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
@@ -296,19 +503,21 @@ def run_unlearning(
         **after,
         **{f"{k}_before": v for k, v in before.items()},
         "num_steps": train_cfg.num_steps,
-        "train_seconds": seconds,
+        "skipped_steps": result.skipped_steps,
+        "train_seconds": result.train_seconds,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     return results
 
 
 def summary_table(results: Mapping[str, float]) -> str:
-    """Held-out forget, attack-split forget and retain accuracy before and after, as text."""
-    lines = [f"{'':<10}{'held-out forget':>17}{'attack forget':>15}{'retain':>9}"]
+    """Test and dev held-out forget, attack-split forget and retain accuracy before and after."""
+    lines = [f"{'':<10}{'test forget':>13}{'dev forget':>12}{'attack forget':>15}{'retain':>9}"]
     for label, suffix in (("before", "_before"), ("after", "")):
+        dev = results.get(f"dev_forget_acc{suffix}", float("nan"))
         attack = results.get(f"forget_attack_acc{suffix}", float("nan"))
         lines.append(
-            f"{label:<10}{results[f'forget_acc{suffix}']:>17.3f}{attack:>15.3f}"
+            f"{label:<10}{results[f'forget_acc{suffix}']:>13.3f}{dev:>12.3f}{attack:>15.3f}"
             f"{results[f'retain_acc{suffix}']:>9.3f}"
         )
     return "\n".join(lines)

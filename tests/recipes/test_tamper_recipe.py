@@ -7,7 +7,12 @@ import pytest
 from simple_parsing import parse
 
 from recipes import tamper
-from unlearn.provenance import write_run_info
+from tests.conftest import absolute_path_strings
+from unlearn.eval import evaluate_mc, reporting
+from unlearn.models import load_model
+from unlearn.provenance import resolve_path, write_run_info
+from unlearn.tamper import AttackSettings
+from unlearn.tamper_report import control_key
 
 TINY = ["--world_preset", "tiny", "--num_steps", "2", "--batch_size", "4", "--eval_every", "1"]
 
@@ -28,15 +33,26 @@ def test_tamper_recipe_with_controls_and_plot_only(tiny_home, tmp_path):
     # The model is the unfiltered one, so its curve equals the unfiltered control's.
     assert report["records"] == report["controls"]["unfiltered (attacked)"]
     summary = report["summary"]
-    ratios = [v for v in summary["relative_recovery"].values() if v is not None]
-    assert ratios and ratios == pytest.approx([1.0] * len(ratios))
+    floor = report["controls"]["filtered twin (attacked)"]
+    pairs = zip(report["records"], floor, strict=True)
+    excess = [r["forget_acc"] - f["forget_acc"] for r, f in pairs]
+    assert summary["excess_max"] == pytest.approx(max(excess))
     assert summary["collapsed"] is False
     info = json.loads((out / "run_info.json").read_text())
     assert info["attack_settings"]["num_steps"] == 2 and "git_sha" in info
 
-    # The controls are cached in the world: a second report reuses them.
-    cached = sorted((tiny_home.root / "tamper_controls").glob("*/*/tamper_results.json"))
-    assert len(cached) == 2
+    # The controls are cached in the world under their key, and hold the reported curves.
+    settings = AttackSettings(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in report["settings"].items()}
+    )
+    items = {"forget_test": tiny_home.test_items(), "retain": tiny_home.items("retain")}
+    for name, label in (
+        ("unfiltered", "unfiltered (attacked)"),
+        ("filtered", "filtered twin (attacked)"),
+    ):
+        key = control_key(tiny_home, name, settings, items)["key"]
+        cached = tiny_home.root / "tamper_controls" / key / name / "tamper_results.json"
+        assert json.loads(cached.read_text())["records"] == report["controls"][label]
 
     redraw = tmp_path / "redraw"
     tamper.main(
@@ -51,7 +67,7 @@ def test_tamper_recipe_with_controls_and_plot_only(tiny_home, tmp_path):
 def test_tamper_recipe_attacks_a_run_directory(tiny_home, tmp_path):
     """A directory written by an unlearning recipe (run_info.json + model/) is attacked with the
     toy world its run used; here the "unlearned" model is the filtered twin, so step 0 matches the
-    filtered twin's held-out accuracy in the world's report."""
+    filtered twin's accuracy on the world's test items, scored here."""
     run = tmp_path / "run"
     shutil.copytree(tiny_home.model_dir("filtered"), run / "model")
     write_run_info(run, {"model": {"model": "toyworld", "world_preset": "tiny", "world_seed": 0}})
@@ -59,8 +75,15 @@ def test_tamper_recipe_attacks_a_run_directory(tiny_home, tmp_path):
     args = ["--model", str(run), "--out", str(out), "--controls", "false", *TINY]
     report = tamper.main(parse(tamper.Config, args=args))
     assert report["controls"] == {} and report["label"] == "run"
-    filtered = tiny_home.report()["filtered"]
-    assert report["records"][0]["forget_acc"] == pytest.approx(filtered["forget_heldout_acc"])
+    # The attacked run directory is recorded portably, and reads back as that directory.
+    info = json.loads((out / "run_info.json").read_text())
+    assert absolute_path_strings(info) == []
+    assert absolute_path_strings(json.loads((out / "tamper_results.json").read_text())) == []
+    assert resolve_path(info["config"]["model"]) == run.resolve()
+    loaded = load_model(str(tiny_home.model_dir("filtered")))
+    with reporting():
+        test = evaluate_mc(loaded.model, loaded.tokenizer, tiny_home.test_items())
+    assert report["records"][0]["forget_acc"] == pytest.approx(test.acc)
 
 
 def test_plot_only_of_a_file_without_records_fails(tmp_path):
@@ -85,13 +108,13 @@ def test_retain_ablation_runs_both_and_attacks_them(tiny_home, tmp_path):
         "unfiltered (attacked)",
         "filtered twin (attacked)",
     ]
-    with_retain = json.loads((out / "with_retain" / "run_info.json").read_text())
-    without = json.loads((out / "retain_0" / "run_info.json").read_text())
+    with_retain = json.loads((out / "with_retain" / "run" / "run_info.json").read_text())
+    without = json.loads((out / "retain_0" / "run" / "run_info.json").read_text())
     assert with_retain["config"]["method"]["retain_coef"] == 1.0
     assert without["config"]["method"]["retain_coef"] == 0.0
     # Step 0 of each attack is the unlearned model as results.json reports it.
     for subdir, r in zip(("with_retain", "retain_0"), rows, strict=False):
-        results = json.loads((out / subdir / "results.json").read_text())
+        results = json.loads((out / subdir / "run" / "results.json").read_text())
         assert r["forget_acc"] == pytest.approx(results["forget_acc"])
         assert r["retain_acc"] == pytest.approx(results["retain_acc"])
     assert (out / "ablation.png").exists()
@@ -99,23 +122,18 @@ def test_retain_ablation_runs_both_and_attacks_them(tiny_home, tmp_path):
     assert table.count("\n| ") == 5  # header + 4 rows
 
 
-def test_leaderboard_smoke(tiny_home, tmp_path):
-    from benchmarks import leaderboard
+def test_retain_ablation_reuses_its_runs_only_under_the_same_code(tiny_home, tmp_path, monkeypatch):
+    """A rerun reuses both unlearning runs; after a change of the library's code version it
+    recomputes them (the cached results are keyed by it) instead of serving stale ones."""
+    import unlearn.keys as keys
+    from recipes import retain_ablation
 
-    cfg = leaderboard.Config(
-        methods=["lens_unlearn"],
-        world_preset="tiny",
-        unlearn_args="--num_steps 2 --batch_size 4",
-        num_steps=2,
-        out=str(tmp_path / "runs"),
-        results=str(tmp_path / "results"),
-        device="cpu",
-    )
-    payload = leaderboard.main(cfg)
-    assert [r["model"] for r in payload["rows"]] == ["unfiltered", "filtered twin", "lens_unlearn"]
-    assert payload["rows"][2]["unlearn_seconds"] > 0
-    on_disk = json.loads((tmp_path / "results" / "leaderboard.json").read_text())
-    assert on_disk["rows"] == payload["rows"]
-    assert (tmp_path / "results" / "leaderboard.png").exists()
-    with pytest.raises(ValueError, match="unknown methods"):
-        leaderboard.main(leaderboard.Config(methods=["nope"]))
+    flags = "--world_preset tiny --num_steps 2 --batch_size 4"
+    args = dict(method="lens_unlearn", unlearn_args=flags, num_steps=2, device="cpu")
+    retain_ablation.main(retain_ablation.Config(out=str(tmp_path), **args))
+    stamp = (tmp_path / "with_retain" / "run" / "results.json").stat().st_mtime_ns
+    retain_ablation.main(retain_ablation.Config(out=str(tmp_path), **args))
+    assert (tmp_path / "with_retain" / "run" / "results.json").stat().st_mtime_ns == stamp
+    monkeypatch.setattr(keys, "code_version", lambda: "0.0.0+changed")
+    retain_ablation.main(retain_ablation.Config(out=str(tmp_path), **args))
+    assert (tmp_path / "with_retain" / "run" / "results.json").stat().st_mtime_ns != stamp

@@ -17,9 +17,9 @@ from unlearn.tamper import (
     ATTACK_PRESETS,
     AttackSettings,
     attack,
+    excess_over,
     is_collapsed,
     records_from_metrics,
-    relative_recovery,
     steps_to_exceed,
 )
 from unlearn.tamper_report import summarize
@@ -32,7 +32,7 @@ def tiny_setup(tiny_home):
 
 
 def _items(setup):
-    return setup.items["reserved"]
+    return {"forget_test": setup.test_items, "retain": setup.items["reserved"]["retain"]}
 
 
 def test_attack_data_holds_no_heldout_fact(tiny_setup, tmp_path, monkeypatch):
@@ -58,8 +58,9 @@ def test_attack_data_holds_no_heldout_fact(tiny_setup, tmp_path, monkeypatch):
             settings,
             tmp_path,
         )
-    heldout = {item["entity"] for item in _items(tiny_setup)["forget_heldout"]}
-    attacked = {item["entity"] for item in _items(tiny_setup)["forget_attack"]}
+    world = tiny_setup.world
+    heldout = {item["entity"] for item in world.items("forget_heldout", template=None)}
+    attacked = {item["entity"] for item in world.items("forget_attack")}
     assert heldout and attacked and not heldout & attacked
     pattern = re.compile("|".join(map(re.escape, heldout)))
     tokenizer, batches = tiny_setup.loaded.tokenizer, captured["batches"]
@@ -215,15 +216,12 @@ def _curve(points):
     return [{"step": s, "forget_acc": a, "retain_acc": 0.9} for s, a in points]
 
 
-def test_relative_recovery_at_matched_steps():
-    """Ceiling 0.25 -> 0.85 over steps 0 and 100 (0.55 at step 50 by interpolation).
-    Ours 0.25, 0.40, 0.70: (0.25 - .25) / (.25 - .25) = NaN at step 0, (0.40 - .25) / (.55 - .25)
-    = 0.5 at step 50 and (0.70 - .25) / (.85 - .25) = 0.75 at step 100."""
+def test_excess_over_the_filtered_twin_at_matched_steps():
+    """Floor 0.25 -> 0.35 over steps 0 and 100 (0.30 at step 50 by interpolation).
+    Ours 0.25, 0.40, 0.70: excess 0, 0.10 and 0.35."""
     ours = _curve([(0, 0.25), (50, 0.40), (100, 0.70)])
-    ceiling = _curve([(0, 0.25), (100, 0.85)])
-    got = relative_recovery(ours, ceiling)
-    assert got[1:] == pytest.approx([0.5, 0.75])
-    assert got[0] != got[0]  # NaN
+    floor = _curve([(0, 0.25), (100, 0.35)])
+    assert excess_over(ours, floor) == pytest.approx([0.0, 0.10, 0.35])
 
 
 def test_steps_to_exceed_the_filtered_twin():

@@ -30,10 +30,15 @@ class Killed(BaseException):
 
 
 def _digests(world_root: Path) -> dict[str, str]:
-    """sha256 of every file of a world, without the build's wall-clock time."""
+    """sha256 of every file the build writes, without its wall-clock time.
+
+    Caches that later runs keep inside a world (tamper_controls/) are not build artifacts.
+    """
     digests = {}
     for path in sorted(world_root.rglob("*")):
         if not path.is_file() or path.name == "build_seconds.json":
+            continue
+        if path.relative_to(world_root).parts[0] == "tamper_controls":
             continue
         data = path.read_bytes()
         if path == world_root / "report.json":

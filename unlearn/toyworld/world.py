@@ -4,7 +4,9 @@ Layout of a world directory (`$UNLEARN_HOME/toyworld/<preset>-<config hash>/`):
 
     config.json                 the ToyWorldConfig, its hash, the git SHA of the build
     data/<corpus>.jsonl         documents (see `unlearn.toyworld.generator`)
-    data/items/<split>.jsonl    4-way cloze items; load with `datasets` or `ToyWorld.items`
+    data/items/<split>.jsonl    4-way cloze items; load with `datasets` or `ToyWorld.items` (the
+                                held-out split is used as two entity-disjoint halves, forget_dev
+                                and forget_test: `ToyWorld.heldout_entities`)
     tokenizer/                  the byte-level BPE tokenizer (Hugging Face fast tokenizer)
     models/unfiltered/          final model (save_pretrained) + checkpoints/step<N>/
     models/filtered/            the twin pretrained without forget documents, same layout
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,14 @@ from typing import Any
 from unlearn.toyworld.atomic import writing
 from unlearn.toyworld.config import ToyWorldConfig
 from unlearn.toyworld.generator import ITEM_SPLITS
+
+HELDOUT = "forget_heldout"
+"""The held-out forget split as built; it is used through its two parts, dev and test."""
+DEV, TEST = "forget_dev", "forget_test"
+HELDOUT_PARTS = (DEV, TEST)
+"""Held-out pathogens split by entity: dev (every choice) and test (reported only)."""
+TUNING_SPLITS = ("forget_attack", DEV, "retain")
+"""Item splits that tuning, selection and monitoring may score."""
 
 MODEL_NAMES = ("unfiltered", "filtered")
 """The two pretrained models of a world."""
@@ -50,6 +60,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 MODEL_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES)
 """What a saved model (or checkpoint) folder needs to load; the build moves these in last."""
+
+
+def split_heldout(entities: Iterable[str]) -> dict[str, list[str]]:
+    """Held-out entities in generation order (repeats allowed): dev is the first half, test rest."""
+    unique = list(dict.fromkeys(entities))
+    half = len(unique) // 2
+    return {DEV: unique[:half], TEST: unique[half:]}
 
 
 def unlearn_home() -> Path:
@@ -131,23 +148,50 @@ class ToyWorld:
         return list(read_jsonl(path))
 
     def items_path(self, split: str) -> Path:
-        """Path of the JSON-lines file of one item split.
+        """Path of the JSON-lines file of one item split as built.
+
+        forget_dev and forget_test items live in forget_heldout's file.
 
         Raises:
             ValueError: Unknown split.
         """
+        split = HELDOUT if split in HELDOUT_PARTS else split
         if split not in ITEM_SPLITS:
-            raise ValueError(f"unknown item split {split!r}; choose one of {ITEM_SPLITS}")
+            raise ValueError(
+                f"unknown item split {split!r}; choose one of {ITEM_SPLITS + HELDOUT_PARTS}"
+            )
         return self.root / "data" / "items" / f"{split}.jsonl"
 
+    def heldout_entities(self) -> dict[str, list[str]]:
+        """The held-out pathogens split by entity: {"forget_dev": [...], "forget_test": [...]}.
+
+        The first half of the held-out entities, in generation order (their names and facts are
+        random draws), is dev; the rest is test.
+        """
+        return split_heldout(r["entity"] for r in read_jsonl(self.items_path(HELDOUT)))
+
     def items(self, split: str, template: str | None = "reserved") -> list[dict[str, Any]]:
-        """Cloze items of one split, for one template kind ("reserved", "seen" or None for both)."""
+        """Cloze items of one split, for one template kind ("reserved", "seen" or None for both).
+
+        "forget_dev" and "forget_test" are the held-out items of those entities, with "split" set
+        to the part's name (`unlearn.eval` scores test items only while reporting).
+        """
         rows = list(read_jsonl(self.items_path(split)))
+        if split in HELDOUT_PARTS:
+            entities = set(self.heldout_entities()[split])
+            rows = [{**r, "split": split} for r in rows if r["entity"] in entities]
         return [r for r in rows if template is None or r["template"] == template]
 
     def items_by_split(self, template: str = "reserved") -> dict[str, list[dict[str, Any]]]:
-        """All item splits for one template kind."""
-        return {split: self.items(split, template) for split in ITEM_SPLITS}
+        """The item splits that tuning may use, for one template kind.
+
+        Attack-split forget, held-out dev forget and retain; never test (see `test_items`).
+        """
+        return {split: self.items(split, template) for split in TUNING_SPLITS}
+
+    def test_items(self, template: str | None = None) -> list[dict[str, Any]]:
+        """The held-out test items (both templates by default): for final reporting only."""
+        return self.items(TEST, template)
 
     def report(self) -> dict[str, Any]:
         """The build report (report.json).

@@ -1,0 +1,71 @@
+"""The leaderboard on the tiny world: rows, records, metrics recomputed from the committed records,
+reuse of finished runs, and a cache miss when the code version changes."""
+
+import json
+
+import numpy as np
+import pytest
+
+import unlearn.keys as keys
+from benchmarks import leaderboard
+
+
+def _config(tmp_path, seeds=2):
+    return leaderboard.Config(
+        methods=["lens_unlearn"],
+        seeds=seeds,
+        world_preset="tiny",
+        unlearn_args="--num_steps 2 --batch_size 4",
+        num_steps=2,
+        out=str(tmp_path / "runs"),
+        results=str(tmp_path / "results"),
+        device="cpu",
+        n_boot=50,
+    )
+
+
+def test_leaderboard_rows_metrics_reuse_and_code_version(tiny_home, tmp_path, monkeypatch):
+    payload = leaderboard.main(_config(tmp_path))
+    assert list(payload["rows"]) == ["unfiltered", "filtered twin", "lens_unlearn"]
+    assert payload["dirty"] in (True, False) and len(payload["git_sha"]) == 40
+    records = payload["records"]
+    # 2 seeds x 4 attacks of the default suite, each evaluated at steps 0, 2.
+    assert all(len(runs) == 2 and all(len(r) == 4 for r in runs) for runs in records.values())
+    assert payload["steps"] == [0, 2]
+
+    def worst(label):  # mean over seeds of the max over attacks, from the recorded accuracies
+        acc = np.array([[[r["forget_acc"] for r in a] for a in s] for s in records[label]])
+        return acc.max(1).mean(0)
+
+    excess = worst("lens_unlearn") - worst("filtered twin")
+    row = payload["rows"]["lens_unlearn"]
+    assert row["excess_max"] == pytest.approx(excess.max())
+    assert row["excess_mean"] == pytest.approx(excess.mean())
+    low, high = row["excess_max_ci"]
+    assert low <= row["excess_max"] + 1e-9 and row["excess_max"] - 1e-9 <= high
+    assert payload["rows"]["filtered twin"]["excess_max"] == 0.0
+    on_disk = json.loads((tmp_path / "results" / "leaderboard.json").read_text())
+    assert on_disk["rows"] == json.loads(json.dumps(payload["rows"]))
+    assert (tmp_path / "results" / "leaderboard.png").exists()
+    assert "clean tree" in (tmp_path / "results" / "leaderboard.md").read_text() or payload["dirty"]
+
+    # A rerun reuses every unlearning run and attack (no unlearning time) and gives the same rows.
+    again = leaderboard.main(_config(tmp_path))
+    assert again["wall_seconds"]["lens_unlearn"]["unlearn"] == 0.0
+    assert again["rows"] == payload["rows"]
+
+    # Another code version misses every cache: the runs and the controls are recomputed.
+    monkeypatch.setattr(keys, "code_version", lambda: "0.0.0+changed")
+    controls = sorted((tiny_home.root / "tamper_controls").iterdir())
+    changed = leaderboard.main(_config(tmp_path, seeds=1))
+    assert changed["wall_seconds"]["lens_unlearn"]["unlearn"] > 0.0
+    assert len(sorted((tiny_home.root / "tamper_controls").iterdir())) > len(controls)
+
+
+def test_bad_leaderboard_settings_fail_before_running():
+    with pytest.raises(ValueError, match="unknown methods"):
+        leaderboard.Config(methods=["nope"])
+    with pytest.raises(ValueError, match="unknown attack suite"):
+        leaderboard.Config(suite="nope")
+    with pytest.raises(ValueError, match="seeds"):
+        leaderboard.Config(seeds=0)
