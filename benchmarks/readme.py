@@ -1,0 +1,425 @@
+"""The README's result tables and numbers, generated from the committed benchmarks/results/ files.
+
+Every number the README reports about a measurement sits between two markers naming a block,
+
+    <!-- results:toyworld -->
+    ... generated Markdown, ending with "*Generated from benchmarks/results/<file> ...*" ...
+    <!-- /results:toyworld -->
+
+and `BLOCKS` says which results file each block is rendered from and how. A block holds only what
+its file holds: a row or a sentence with no file behind it cannot appear. Prose outside the blocks
+stays qualitative.
+
+    python -m benchmarks.readme            # rewrite every block of README.md in place
+    python -m benchmarks.readme --check    # exit 1 and print a diff when README.md is out of date
+
+`render_readme(text, results_dir)` and `readme_diff(text, results_dir)` take the README text and
+a results directory, so a test can check a modified copy of either without touching the real files
+(tests/benchmarks/test_readme.py).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from simple_parsing import parse
+
+from benchmarks.leaderboard import FILTERED, UNFILTERED, leaderboard_table
+from unlearn.provenance import REPO_ROOT
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+"""The committed results directory."""
+README = REPO_ROOT / "README.md"
+"""The README whose blocks are generated."""
+COMMAND = "python -m benchmarks.readme"
+"""The command that regenerates the blocks (quoted in every block)."""
+WIDTH = 100
+"""Column at which generated prose wraps (the README's)."""
+
+_START = re.compile(r"^<!-- results:(?P<name>[a-z_]+) -->$", re.MULTILINE)
+_END = "<!-- /results:{name} -->"
+
+METHOD_NOTES = {
+    "lens_unlearn": "logit lens, random-target CE",
+    "circuit_breakers": "cosine + orthogonality + L2 retain",
+    "checkpoint_transfer": "teacher step400 selected, affine maps, KL retain",
+    "sequential": "blocks 3→0, max-entropy through the frozen original",
+    "probe_unlearn": "probes at blocks 1 and 3, max-entropy, KL retain",
+    "rewritten_transfer": "MSE and cross-entropy toward the rewritten twin, KL retain",
+}
+"""What each method's committed defaults do, in the README's words, in the README's row order."""
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _range(values: list[float], unit: str = "%") -> str:
+    """The range of accuracies (fractions) as "a–b%", or "a%" when both ends print the same."""
+    low, high = _pct(min(values)), _pct(max(values))
+    return f"{low}{unit}" if low == high else f"{low}–{high}{unit}"
+
+
+def _seconds_range(values: list[float]) -> str:
+    low, high = f"{min(values):.0f}", f"{max(values):.0f}"
+    return f"{low} s" if low == high else f"{low}–{high} s"
+
+
+def provenance(payload: dict[str, Any]) -> str:
+    """A record's commit, "git <sha7>, dirty tree", from "git_sha" (and "dirty"); "" if none."""
+    sha = payload.get("git_sha")
+    if not sha:
+        return ""
+    dirty = sha.endswith("+dirty") or bool(payload.get("dirty"))
+    return f"git {sha.removesuffix('+dirty')[:7]}, {'dirty' if dirty else 'clean'} tree"
+
+
+def _machine(payload: dict[str, Any]) -> str:
+    mach = payload["machine"]
+    return f"{mach['cpu_threads']} CPU threads ({mach['platform']}, torch {mach['torch']})"
+
+
+def toyworld_block(report: dict[str, Any]) -> str:
+    """The toy world's accuracy table, from a build's report.json (toyworld_default.json)."""
+    unfiltered, filtered = report["unfiltered"], report["filtered"]
+    boundary = report["stage1_steps"]
+    rows = [
+        ("unfiltered, reserved template", unfiltered, ""),
+        ("unfiltered, seen template", unfiltered, "_seen"),
+        ("filtered twin, reserved template", filtered, ""),
+        (f"step {boundary} (stage boundary), reserved", report["checkpoints"][str(boundary)], ""),
+    ]
+    lines = [
+        "| model (4-way cloze accuracy, %) | forget attack | forget held-out (dev+test) | retain |",
+        "| --- | --- | --- | --- |",
+    ]
+    for label, acc, kind in rows:
+        lines.append(
+            f"| {label} | {_pct(acc[f'forget_attack_acc{kind}'])} | "
+            f"{_pct(acc[f'forget_heldout_acc{kind}'])} | {_pct(acc[f'retain_acc{kind}'])} |"
+        )
+    idle = report.get("idle_build")
+    timing = (
+        f" A fresh build took {idle['build_seconds']:.0f} s on an idle machine with "
+        f"{idle['machine']['cpu_threads']} CPU threads ({provenance(idle)})."
+        if idle
+        else ""
+    )
+    note = (
+        "Held-out (dev+test): all "
+        f"{report['sizes']['forget_heldout_facts']} held-out facts. The held-out pathogens are "
+        "split by entity into `forget_dev` (for tuning and selection) and `forget_test` (reported "
+        'only): `ToyWorld.heldout_entities()`, `ToyWorld.items("forget_dev" | "forget_test")`. '
+        f"Default world, config hash {report['config_hash']}, built by `{report['command']}` on "
+        f"{_machine(report)}.{timing} The build is not bit-reproducible across machines: the "
+        "file's note says by how much builds of the same config differ."
+    )
+    return "\n".join(lines) + "\n\n" + note
+
+
+def methods_block(record: dict[str, Any]) -> str:
+    """The methods table: one row per method that methods_toyworld.json holds."""
+    methods = record["methods"]
+    order = [m for m in METHOD_NOTES if m in methods] + sorted(set(methods) - set(METHOD_NOTES))
+
+    def before(key: str) -> str:
+        values = [row[key] for row in methods.values() if row.get(key) is not None]
+        return _range(values) if values else "–"
+
+    lines = [
+        "| method | held-out forget (dev+test) | attack forget | retain | wall time |",
+        "| --- | --- | --- | --- | --- |",
+        f"| unlearned by nothing (unfiltered model) | {before('forget_acc_before')} | "
+        f"{before('forget_attack_acc_before')} | {before('retain_acc_before')} | |",
+    ]
+    for name in order:
+        row = methods[name]
+        note = ", ".join(n for n in (METHOD_NOTES.get(name), f"{row['num_steps']} steps") if n)
+        lines.append(
+            f"| `{name}` ({note}) | {_pct(row['forget_heldout_acc'])}% | "
+            f"{_pct(row['forget_attack_acc'])}% | {_pct(row['retain_acc'])}% | "
+            f"{row['wall_seconds']:.0f} s |"
+        )
+    by_sha: dict[str, list[str]] = {}
+    for name in order:
+        sha = provenance({"git_sha": methods[name].get("git_sha", "")}) or "git unknown"
+        by_sha.setdefault(sha, []).append(f"`{name}`")
+    shas = "; ".join(f"{', '.join(names)} at {sha}" for sha, names in by_sha.items())
+    note = (
+        f"Measured by `{record['command']}` on {_machine(record)}, each row alone at its own "
+        f"commit: {shas}."
+    )
+    return "\n".join(lines) + "\n\n" + note
+
+
+def tuned_lens_block(record: dict[str, Any]) -> str:
+    """The tuned lens's held-out KL next to the logit lens's (tuned_lens_toyworld.json)."""
+
+    def nats(values: list[float]) -> str:
+        return " / ".join(f"{v:.2f}" for v in values)
+
+    return (
+        f"The tuned lens fitted by `recipes.tuned_lens` ({record['model']}) has held-out KL to "
+        f"the final distribution ({record['held_out']}) of {nats(record['tuned'])} nats at blocks "
+        f"{' / '.join(str(layer) for layer in record['layers'])}, against "
+        f"{nats(record['logit'])} for the logit lens."
+    )
+
+
+def retain_ablation_block(record: dict[str, Any]) -> str:
+    """The retain-term ablation's rows (retain_ablation_<method>.json) as a short table."""
+    settings = record["settings"]
+    attack = f"LoRA r{settings['lora_rank']}" if settings["lora_rank"] else "full fine-tune"
+    lines = [
+        "| model | held-out forget | retain | peak under attack | steps to filtered + 10 | "
+        "collapsed |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in record["rows"]:
+        step = row["steps_to_exceed_filtered"]
+        lines.append(
+            f"| {row['model']} | {_pct(row['forget_acc'])} | {_pct(row['retain_acc'])} | "
+            f"{_pct(row['forget_peak'])} | {'held' if step is None else step} | "
+            f"{'yes' if row['collapsed'] else 'no'} |"
+        )
+    note = (
+        f"Accuracies in %. Attack: {attack} on attack-split forget text, lr {settings['lr']:g} "
+        f"{settings['schedule']}, {settings['num_steps']} steps, seed {settings['seed']}."
+    )
+    return "\n".join(lines) + "\n\n" + note
+
+
+def legacy_leaderboard_table(rows: list[dict[str, Any]]) -> str:
+    """The table of a leaderboard.json written before "format": 2 (one attack, one seed).
+
+    "recovery @100" is (acc − chance) / (unfiltered attacked − chance) at attack step 100, in %;
+    a row without it (written after the column became "excess max") shows "–".
+    """
+    steps = sorted(int(k.removeprefix("forget_at_")) for k in rows[0] if k.startswith("forget_at_"))
+    head = (
+        "| model | forget | retain | "
+        + " | ".join(f"forget @{s}" for s in steps)
+        + " | peak | recovery @100 | steps to filtered + 10 | collapsed |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        step = r["steps_to_exceed_filtered"]
+        lines.append(
+            f"| {r['model']} | {_pct(r['forget_acc'])} | {_pct(r['retain_acc'])} | "
+            + " | ".join(_pct(r[f"forget_at_{s}"]) for s in steps)
+            + f" | {_pct(r['forget_peak'])} | {_pct(r.get('recovery_at_100'))} | "
+            + f"{'held' if step is None else step} | {'yes' if r['collapsed'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+class _Row(NamedTuple):
+    """What the leaderboard summary needs of a row, in either format."""
+
+    label: str
+    forget: float
+    retain: float
+    steps: int | None
+    collapsed: bool
+
+
+def _leaderboard_summary(rows: list[_Row], forget_name: str) -> str:
+    methods = [r for r in rows if r.label not in (UNFILTERED, FILTERED)]
+    collapsed = [f"`{r.label}`" for r in methods if r.collapsed]
+    passing = sorted(
+        (r for r in methods if r.steps is not None),
+        key=lambda r: (r.steps, [m.label for m in methods].index(r.label)),
+    )
+    held = [f"`{r.label}`" for r in methods if r.steps is None]
+    return (
+        f"After unlearning, {forget_name} forget is {_range([r.forget for r in methods])} and "
+        f"retain {_range([r.retain for r in methods])} across the methods; collapsed: "
+        f"{', '.join(collapsed) or 'none'}. First attack step at which forget exceeds the filtered "
+        "twin's by 10 points: "
+        + (", ".join(f"`{r.label}` {r.steps}" for r in passing) or "none")
+        + (f"; never: {', '.join(held)}" if held else "")
+        + "."
+    )
+
+
+def leaderboard_block(payload: dict[str, Any]) -> str:
+    """The leaderboard table, its column key, wall times and a summary, from leaderboard.json.
+
+    A payload with "format": 2 renders with `benchmarks.leaderboard.leaderboard_table`; an older
+    one (no "format") with `legacy_leaderboard_table`.
+    """
+    if payload.get("format") == 2:
+        key = (
+            "Held-out **test** forget and retain accuracy (%) before the attack; the excess of the "
+            "worst case over the attack suite above the filtered twin's (attacked the same way), "
+            "max and mean over the evaluated steps, in points; the first step at which it exceeds "
+            "10 points; the lowest retain under attack; [low, high]: 95% bootstrap intervals over "
+            "items and seeds (details in [`benchmarks/results/leaderboard.md`]"
+            "(benchmarks/results/leaderboard.md)):"
+        )
+        table = leaderboard_table(payload).rstrip("\n")
+        times = payload["wall_seconds"].values()
+        wall = (
+            f"Wall time on {payload['machine']['cpu_threads']} CPU threads, all seeds: unlearning "
+            f"{_seconds_range([t['unlearn'] for t in times])} per method, the attack suite "
+            f"{_seconds_range([t['attack'] for t in times])} per method."
+        )
+        rows = [
+            _Row(label, m["forget_pre"], m["retain_pre"], m["steps_to_exceed"], m["collapsed"])
+            for label, m in payload["rows"].items()
+        ]
+        forget_name = "test"
+    else:
+        key = (
+            "Held-out forget and retain accuracy (%) after unlearning, held-out forget after N "
+            "attack steps, recovery relative to the attacked original at step 100, and the first "
+            "step at which held-out forget exceeds the filtered twin's by 10 points:"
+        )
+        table = legacy_leaderboard_table(payload["rows"])
+        timed = [r for r in payload["rows"] if r.get("unlearn_seconds") is not None]
+        wall = (
+            f"Wall time on {payload['machine']['cpu_threads']} CPU threads: unlearning "
+            f"{_seconds_range([r['unlearn_seconds'] for r in timed])} per method, each "
+            f"{payload['attack']['num_steps']}-step attack "
+            f"{_seconds_range([r['attack_seconds'] for r in timed])}."
+        )
+        rows = [
+            _Row(
+                r["model"],
+                r["forget_acc"],
+                r["retain_acc"],
+                r["steps_to_exceed_filtered"],
+                r["collapsed"],
+            )
+            for r in payload["rows"]
+        ]
+        forget_name = "held-out"
+    summary = _leaderboard_summary(rows, forget_name)
+    return f"{key}\n\n{table}\n\n{wall} {summary}"
+
+
+class Block(NamedTuple):
+    """One generated block of the README."""
+
+    file: str
+    """The results file (under the results directory) it is generated from."""
+    render: Callable[[dict[str, Any]], str]
+    """The block's Markdown from the file's parsed JSON (without the "Generated from" line)."""
+
+
+BLOCKS = {
+    "toyworld": Block("toyworld_default.json", toyworld_block),
+    "methods": Block("methods_toyworld.json", methods_block),
+    "tuned_lens": Block("tuned_lens_toyworld.json", tuned_lens_block),
+    "retain_ablation": Block("retain_ablation_circuit_breakers.json", retain_ablation_block),
+    "leaderboard": Block("leaderboard.json", leaderboard_block),
+}
+"""Block name (as in the markers) -> its results file and renderer."""
+
+
+def _wrap(markdown: str) -> str:
+    """Prose paragraphs wrapped at the README's 100 columns; tables left as they are."""
+    return "\n\n".join(
+        paragraph
+        if paragraph.startswith("|")
+        else textwrap.fill(paragraph, WIDTH, break_long_words=False, break_on_hyphens=False)
+        for paragraph in markdown.split("\n\n")
+    )
+
+
+def render_block(name: str, results_dir: Path) -> str:
+    """Block `name`'s Markdown between its markers, from its file in `results_dir`."""
+    block = BLOCKS[name]
+    payload = json.loads((results_dir / block.file).read_text())
+    source = f"benchmarks/results/{block.file}"
+    measured = provenance(payload)
+    return _wrap(
+        f"{block.render(payload)}\n\n*Generated from [`{source}`]({source})"
+        f"{f' (measured at {measured})' if measured else ''} by `{COMMAND}`.*"
+    )
+
+
+def render_readme(readme: str, results_dir: Path = RESULTS) -> str:
+    """`readme` with every generated block rewritten from the files in `results_dir`.
+
+    Raises:
+        ValueError: A block of `BLOCKS` is missing from `readme` or appears twice, a marker names
+            no block, or a start marker has no end marker.
+    """
+    names = [m["name"] for m in _START.finditer(readme)]
+    unknown = sorted(set(names) - set(BLOCKS))
+    missing = sorted(set(BLOCKS) - set(names))
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if unknown or missing or repeated:
+        raise ValueError(
+            f"README blocks do not match benchmarks.readme.BLOCKS: unknown {unknown}, missing "
+            f"{missing}, repeated {repeated}"
+        )
+    for name in BLOCKS:
+        start = f"<!-- results:{name} -->"
+        end = _END.format(name=name)
+        head, found, rest = readme.partition(start + "\n")
+        _, found_end, tail = rest.partition(end)
+        if not found or not found_end:
+            raise ValueError(f"block {name!r}: put {start!r} and {end!r} on lines of their own")
+        readme = f"{head}{start}\n{render_block(name, results_dir)}\n{end}{tail}"
+    return readme
+
+
+def readme_diff(readme: str, results_dir: Path = RESULTS, label: str = "README.md") -> str:
+    """A unified diff from `readme` to what the files in `results_dir` give ("" when in sync)."""
+    expected = render_readme(readme, results_dir)
+    return "".join(
+        difflib.unified_diff(
+            readme.splitlines(keepends=True),
+            expected.splitlines(keepends=True),
+            fromfile=f"{label} (as it is)",
+            tofile=f"{label} (from {results_dir})",
+        )
+    )
+
+
+@dataclass
+class Config:
+    """Regenerate (or check) the README's result blocks from benchmarks/results/."""
+
+    check: bool = False
+    """Only compare: exit 1 and print a diff when the README differs from what the files give."""
+    readme: str = str(README)
+    """The README to rewrite or check."""
+    results: str = str(RESULTS)
+    """The results directory the blocks are generated from."""
+
+
+def main(cfg: Config) -> int:
+    """Rewrite the README's blocks, or check them; returns the exit status."""
+    readme, results = Path(cfg.readme), Path(cfg.results)
+    text = readme.read_text()
+    try:
+        diff = readme_diff(text, results, label=str(readme))
+    except (ValueError, OSError, KeyError) as error:
+        print(f"error: {error!r}", file=sys.stderr)
+        return 2
+    if cfg.check:
+        if diff:
+            print(diff, end="")
+            print(f"\n{readme} is out of date: run `{COMMAND}`", file=sys.stderr)
+            return 1
+        print(f"{readme} matches {results}")
+        return 0
+    if diff:
+        readme.write_text(render_readme(text, results))
+    print(f"{'rewrote' if diff else 'unchanged:'} {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse(Config, args=sys.argv[1:])))
