@@ -31,7 +31,7 @@ from unlearn.methods.sequential import (
     run_sequential,
     set_trainable_layers_,
 )
-from unlearn.training import LoraSettings, OptimSettings
+from unlearn.training import LoraSettings, OptimSettings, TrainResult
 
 N_LAYERS = 2
 
@@ -272,3 +272,28 @@ def test_one_phase_form_routes_into_base(tiny_lm, batches):
     with_grad = {n for n, p in trainable.named_parameters() if p.grad is not None}
     assert with_grad == _block_params(trainable, [method.layer])
     assert all(p.grad is None for p in base.parameters())
+
+
+def test_every_phase_takes_the_nonfinite_policy(tiny_lm, monkeypatch, tmp_path):
+    """`run_sequential(on_nonfinite="skip")` hands the policy to every phase's `train`."""
+    import unlearn.methods.sequential as sequential_module
+
+    seen = []
+
+    def fake_train(model, method, batches, **kwargs):
+        seen.append(kwargs["on_nonfinite"])
+        return TrainResult(model=model, history=[])
+
+    monkeypatch.setattr(sequential_module, "train", fake_train)
+    model, tokenizer = tiny_lm
+    docs = [{"text": "The pathogen Velkor is transmitted by ticks."}] * 4
+    rows = tokenize_documents(tokenizer, docs, max_len=16)
+    sequential_module.run_sequential(
+        copy.deepcopy(model),
+        SequentialConfig(),
+        PairedBatches(rows, rows, batch_size=2),
+        steps_per_layer=1,
+        out_dir=tmp_path,
+        on_nonfinite="skip",
+    )
+    assert seen == ["skip"] * model.config.num_hidden_layers

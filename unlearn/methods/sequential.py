@@ -46,6 +46,7 @@ from unlearn.training import (
     LORA_TARGETS,
     STATE_FILE,
     LoraSettings,
+    NonFinitePolicy,
     OptimSettings,
     train,
 )
@@ -267,6 +268,7 @@ def run_sequential(
     save_every: int = 50,
     seed: int = 0,
     original: nn.Module | None = None,
+    on_nonfinite: NonFinitePolicy = "stop",
 ) -> SequentialResult:
     """Unlearn block by block, back to front; resume if `out_dir` holds phases already run.
 
@@ -290,6 +292,7 @@ def run_sequential(
         seed: As for `train`; phase i uses seed + i, so random targets differ between phases.
         original: The frozen original for the routes and the retain reference; default: a copy of
             `model` as given.
+        on_nonfinite: As for `train`, per phase.
     """
     n_layers = model.config.num_hidden_layers
     layers = phase_layers(cfg, n_layers)
@@ -311,6 +314,7 @@ def run_sequential(
             eval_every=eval_every,
             save_every=save_every,
             seed=seed + index,
+            on_nonfinite=on_nonfinite,
             desc=f"sequential layer {layer}",
         )
         model = result.model
