@@ -137,3 +137,23 @@ def test_retain_ablation_reuses_its_runs_only_under_the_same_code(tiny_home, tmp
     monkeypatch.setattr(keys, "code_version", lambda: "0.0.0+changed")
     retain_ablation.main(retain_ablation.Config(out=str(tmp_path), **args))
     assert (tmp_path / "with_retain" / "run" / "results.json").stat().st_mtime_ns != stamp
+
+
+def test_a_tamper_rerun_with_other_settings_recomputes_every_curve(tiny_home, tmp_path):
+    """Rerunning into the same --out at another learning rate never reuses the first run's curve:
+    the attack's outputs are keyed by its settings, so the model's curve and the controls' are
+    those of a fresh run at the new rate."""
+    flags = [*TINY, "--controls", "true"]
+    first = tamper.main(parse(tamper.Config, args=["--out", str(tmp_path / "a"), *flags]))
+    args = ["--out", str(tmp_path / "a"), *flags, "--lr", "0.05"]
+    rerun = tamper.main(parse(tamper.Config, args=args))
+    fresh = tamper.main(
+        parse(tamper.Config, args=["--out", str(tmp_path / "b"), *flags, "--lr", "0.05"])
+    )
+    assert rerun["settings"]["lr"] == 0.05
+    assert rerun["records"] == fresh["records"] != first["records"]
+    assert rerun["controls"] == fresh["controls"]
+    assert (
+        rerun["controls"]["filtered twin (attacked)"]
+        != first["controls"]["filtered twin (attacked)"]
+    )
