@@ -197,32 +197,8 @@ def retain_ablation_block(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + note
 
 
-def legacy_leaderboard_table(rows: list[dict[str, Any]]) -> str:
-    """The table of a leaderboard.json written before "format": 2 (one attack, one seed).
-
-    "recovery @100" is (acc − chance) / (unfiltered attacked − chance) at attack step 100, in %;
-    a row without it (written after the column became "excess max") shows "–".
-    """
-    steps = sorted(int(k.removeprefix("forget_at_")) for k in rows[0] if k.startswith("forget_at_"))
-    head = (
-        "| model | forget | retain | "
-        + " | ".join(f"forget @{s}" for s in steps)
-        + " | peak | recovery @100 | steps to filtered + 10 | collapsed |"
-    )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        step = r["steps_to_exceed_filtered"]
-        lines.append(
-            f"| {r['model']} | {_pct(r['forget_acc'])} | {_pct(r['retain_acc'])} | "
-            + " | ".join(_pct(r[f"forget_at_{s}"]) for s in steps)
-            + f" | {_pct(r['forget_peak'])} | {_pct(r.get('recovery_at_100'))} | "
-            + f"{'held' if step is None else step} | {'yes' if r['collapsed'] else 'no'} |"
-        )
-    return "\n".join(lines)
-
-
 class _Row(NamedTuple):
-    """What the leaderboard summary needs of a row, in either format."""
+    """What the leaderboard summary needs of a row."""
 
     label: str
     forget: float
@@ -253,55 +229,36 @@ def _leaderboard_summary(rows: list[_Row], forget_name: str) -> str:
 def leaderboard_block(payload: dict[str, Any]) -> str:
     """The leaderboard table, its column key, wall times and a summary, from leaderboard.json.
 
-    A payload with "format": 2 renders with `benchmarks.leaderboard.leaderboard_table`; an older
-    one (no "format") with `legacy_leaderboard_table`.
+    The table is `benchmarks.leaderboard.leaderboard_table`'s.
+
+    Raises:
+        ValueError: A leaderboard.json written before "format": 2 (rerun the leaderboard).
     """
-    if payload.get("format") == 2:
-        key = (
-            "Held-out **test** forget and retain accuracy (%) before the attack; the excess of the "
-            "worst case over the attack suite above the filtered twin's (attacked the same way), "
-            "max and mean over the evaluated steps, in points; the first step at which it exceeds "
-            "10 points; the lowest retain under attack; [low, high]: 95% bootstrap intervals over "
-            "items and seeds (details in [`benchmarks/results/leaderboard.md`]"
-            "(benchmarks/results/leaderboard.md)):"
+    if payload.get("format") != 2:
+        raise ValueError(
+            'leaderboard.json predates "format": 2 (one attack, one seed, no test split); rerun '
+            "python -m benchmarks.leaderboard"
         )
-        table = leaderboard_table(payload).rstrip("\n")
-        times = payload["wall_seconds"].values()
-        wall = (
-            f"Wall time on {payload['machine']['cpu_threads']} CPU threads, all seeds: unlearning "
-            f"{_seconds_range([t['unlearn'] for t in times])} per method, the attack suite "
-            f"{_seconds_range([t['attack'] for t in times])} per method."
-        )
-        rows = [
-            _Row(label, m["forget_pre"], m["retain_pre"], m["steps_to_exceed"], m["collapsed"])
-            for label, m in payload["rows"].items()
-        ]
-        forget_name = "test"
-    else:
-        key = (
-            "Held-out forget and retain accuracy (%) after unlearning, held-out forget after N "
-            "attack steps, recovery relative to the attacked original at step 100, and the first "
-            "step at which held-out forget exceeds the filtered twin's by 10 points:"
-        )
-        table = legacy_leaderboard_table(payload["rows"])
-        timed = [r for r in payload["rows"] if r.get("unlearn_seconds") is not None]
-        wall = (
-            f"Wall time on {payload['machine']['cpu_threads']} CPU threads: unlearning "
-            f"{_seconds_range([r['unlearn_seconds'] for r in timed])} per method, each "
-            f"{payload['attack']['num_steps']}-step attack "
-            f"{_seconds_range([r['attack_seconds'] for r in timed])}."
-        )
-        rows = [
-            _Row(
-                r["model"],
-                r["forget_acc"],
-                r["retain_acc"],
-                r["steps_to_exceed_filtered"],
-                r["collapsed"],
-            )
-            for r in payload["rows"]
-        ]
-        forget_name = "held-out"
+    key = (
+        "Held-out **test** forget and retain accuracy (%) before the attack; the excess of the "
+        "worst case over the attack suite above the filtered twin's (attacked the same way), "
+        "max and mean over the evaluated steps, in points; the first step at which it exceeds "
+        "10 points; the lowest retain under attack; [low, high]: 95% bootstrap intervals over "
+        "items and seeds (details in [`benchmarks/results/leaderboard.md`]"
+        "(benchmarks/results/leaderboard.md)):"
+    )
+    table = leaderboard_table(payload).rstrip("\n")
+    times = payload["wall_seconds"].values()
+    wall = (
+        f"Wall time on {payload['machine']['cpu_threads']} CPU threads, all seeds: unlearning "
+        f"{_seconds_range([t['unlearn'] for t in times])} per method, the attack suite "
+        f"{_seconds_range([t['attack'] for t in times])} per method."
+    )
+    rows = [
+        _Row(label, m["forget_pre"], m["retain_pre"], m["steps_to_exceed"], m["collapsed"])
+        for label, m in payload["rows"].items()
+    ]
+    forget_name = "test"
     summary = _leaderboard_summary(rows, forget_name)
     return f"{key}\n\n{table}\n\n{wall} {summary}"
 

@@ -20,7 +20,6 @@ from benchmarks.readme import (
     RESULTS,
     Config,
     leaderboard_block,
-    legacy_leaderboard_table,
     main,
     readme_diff,
     render_block,
@@ -129,35 +128,6 @@ def test_the_methods_table_has_exactly_the_rows_the_file_holds(results_copy):
     assert "circuit_breakers" not in render_block("methods", results_copy)
 
 
-def legacy_row(**changes):
-    row = {
-        "model": "lens_unlearn",
-        "forget_acc": 0.32666,
-        "retain_acc": 0.98267,
-        "forget_at_25": 0.31,
-        "forget_at_100": 0.75667,
-        "forget_at_300": 0.69667,
-        "forget_peak": 0.77333,
-        "recovery_at_100": 0.86364,
-        "steps_to_exceed_filtered": 50,
-        "collapsed": False,
-    }
-    return row | changes
-
-
-def test_legacy_leaderboard_table_keeps_the_old_columns():
-    table = legacy_leaderboard_table(
-        [legacy_row(), legacy_row(model="m", recovery_at_100=None, steps_to_exceed_filtered=None)]
-    )
-    assert table.splitlines() == [
-        "| model | forget | retain | forget @25 | forget @100 | forget @300 | peak | recovery @100 "
-        "| steps to filtered + 10 | collapsed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        "| lens_unlearn | 32.7 | 98.3 | 31.0 | 75.7 | 69.7 | 77.3 | 86.4 | 50 | no |",
-        "| m | 32.7 | 98.3 | 31.0 | 75.7 | 69.7 | 77.3 | – | held | no |",
-    ]
-
-
 def format_2_metrics(forget, steps, collapsed=False):
     metrics = {
         "forget_pre": forget,
@@ -192,3 +162,8 @@ def test_a_format_2_leaderboard_renders_with_leaderboard_table(results_copy):
     (results_copy / "leaderboard.json").write_text(json.dumps(payload))
     text = " ".join(render_block("leaderboard", results_copy).split())
     assert "(measured at git 0123456, dirty tree)" in text
+
+
+def test_a_leaderboard_file_before_format_2_is_refused():
+    with pytest.raises(ValueError, match="rerun python -m benchmarks.leaderboard"):
+        leaderboard_block({"rows": []})
