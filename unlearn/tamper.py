@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import nullcontext
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,9 +43,9 @@ from unlearn.methods.base import CONSTANT, FORGET, TRAINABLE, Term
 from unlearn.training import LoraSettings, OptimSettings, train
 
 RESULTS_FILE = "tamper_results.json"
-EVAL_SPLITS = ("forget_test", "retain")
-"""Item splits every attack evaluates: held-out test forget (an attack's curve is reported, never
-used for a choice) and retain."""
+FORGET_SPLITS = ("forget_test", "forget_dev")
+"""The held-out forget split an attack evaluates: test (an attack's curve is reported, never used for
+a choice) or dev (choosing a method's defaults, `benchmarks.tune_dev`)."""
 
 
 @dataclass(frozen=True)
@@ -248,8 +249,8 @@ def attack(
         model: A Hugging Face causal LM (fp32 weights).
         tokenizer: Its tokenizer.
         attack_docs: Forget-domain documents the attacker holds (never the held-out entities).
-        eval_items: Cloze items by split; "forget_test" and "retain" are required. They are
-            scored as final reporting (`unlearn.eval.reporting`), with per-item credit kept.
+        eval_items: Cloze items by split: "retain" and one of `FORGET_SPLITS`. Test items are
+            scored as final reporting (`unlearn.eval.reporting`); per-item credit is kept.
         settings: The attack.
         out_dir: Where training state, metrics and `tamper_results.json` go; a rerun resumes.
         retain_docs: Retain documents (required for `data="retain"` or `repair_steps`).
@@ -263,9 +264,7 @@ def attack(
     Raises:
         ValueError: Missing evaluation splits or retain documents, or no attack documents.
     """
-    missing = set(EVAL_SPLITS) - set(eval_items)
-    if missing:
-        raise ValueError(f"eval_items lacks {sorted(missing)}; it has {sorted(eval_items)}")
+    forget_split = _forget_split(eval_items)
     needs_retain = settings.data == "retain" or settings.repair_steps > 0
     if needs_retain and not retain_docs:
         raise ValueError("this attack fine-tunes on retain text: pass retain_docs")
@@ -286,8 +285,8 @@ def attack(
 
     def evaluate(m: nn.Module) -> dict[str, float | str]:
         scores: dict[str, float | str] = {}
-        with reporting():
-            for split in EVAL_SPLITS:
+        with reporting() if forget_split == "forget_test" else nullcontext():
+            for split in (forget_split, "retain"):
                 result = evaluate_mc(m, tokenizer, eval_items[split])
                 scores[f"{split}_acc"] = result.acc
                 scores[f"{split}_credit"] = encode_credit(result.correct)
@@ -301,23 +300,38 @@ def attack(
     return records, model
 
 
+def _forget_split(eval_items: Mapping[str, Sequence[dict[str, Any]]]) -> str:
+    """The one forget split of `eval_items` (raises ValueError naming what is missing or extra)."""
+    forget = [split for split in FORGET_SPLITS if split in eval_items]
+    if len(forget) != 1 or "retain" not in eval_items:
+        raise ValueError(
+            f"eval_items needs 'retain' and exactly one of {FORGET_SPLITS}; it has {sorted(eval_items)}"
+        )
+    return forget[0]
+
+
 def records_from_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Tamper records from a training run's metrics.jsonl: one per evaluation, in step order."""
+    """Tamper records from a training run's metrics.jsonl: one per evaluation, in step order.
+
+    `forget_acc` and `forget_credit` are the evaluated forget split's (`forget_split` names it).
+    """
     lines = [json.loads(line) for line in Path(path).read_text().splitlines()]
     losses = {r["step"]: r["loss/total"] for r in lines if "loss/total" in r}
     records = []
     for r in lines:
-        if "eval/forget_test_acc" in r:
-            records.append(
-                {
-                    "step": r["step"],
-                    "forget_acc": r["eval/forget_test_acc"],
-                    "retain_acc": r["eval/retain_acc"],
-                    "loss": losses.get(r["step"]),
-                    "forget_credit": r["eval/forget_test_credit"],
-                    "retain_credit": r["eval/retain_credit"],
-                }
-            )
+        for split in FORGET_SPLITS:
+            if f"eval/{split}_acc" in r:
+                records.append(
+                    {
+                        "step": r["step"],
+                        "forget_split": split,
+                        "forget_acc": r[f"eval/{split}_acc"],
+                        "retain_acc": r["eval/retain_acc"],
+                        "loss": losses.get(r["step"]),
+                        "forget_credit": r[f"eval/{split}_credit"],
+                        "retain_credit": r["eval/retain_credit"],
+                    }
+                )
     return sorted(records, key=lambda rec: rec["step"])
 
 

@@ -147,26 +147,28 @@ def model_content(path_or_name: str) -> str:
 
 
 def control_records(
-    world: ToyWorld, name: str, setup: Setup, settings: AttackSettings, device: str
+    world: ToyWorld,
+    name: str,
+    setup: Setup,
+    settings: AttackSettings,
+    device: str,
+    forget_split: str = "forget_test",
 ) -> list[dict[str, Any]]:
-    """The records of toy-world model `name` under `settings`, cached in the world (keyed)."""
-    items = _eval_items(setup)
+    """The records of toy-world model `name` under `settings`, cached in the world (keyed).
+
+    `forget_split`: the held-out forget split scored ("forget_test", or "forget_dev" for tuning).
+    """
+    items = eval_items(setup, forget_split)
     key = control_key(world, name, settings, items)
     out = world.root / "tamper_controls" / key["key"] / name
     if prepare_keyed(out, key):
         return read_results(out / RESULTS_FILE)["records"]
-    return _run_control(world, name, setup, settings, device, out)
-
-
-def _run_control(
-    world: ToyWorld, name: str, setup: Setup, settings: AttackSettings, device: str, out: Path
-) -> list[dict[str, Any]]:
     loaded = load_model(str(world.model_dir(name)), device=device)
     records, _ = attack(
         loaded.hf_model.float(),
         loaded.tokenizer,
         setup.forget_docs,
-        _eval_items(setup),
+        items,
         settings,
         out,
         retain_docs=setup.retain_docs,
@@ -175,9 +177,16 @@ def _run_control(
     return records
 
 
-def _eval_items(setup: Setup) -> dict[str, list[dict[str, Any]]]:
+def eval_items(setup: Setup, forget_split: str = "forget_test") -> dict[str, list[dict[str, Any]]]:
+    """The items an attack scores: the held-out `forget_split` (test or dev) and retain."""
     kind = "items" if "items" in setup.items else "reserved"
-    return {"forget_test": setup.test_items, "retain": setup.items[kind]["retain"]}
+    if forget_split == "forget_test":
+        forget = setup.test_items
+    elif forget_split == "forget_dev":
+        forget = setup.items[kind]["forget_dev"]
+    else:
+        raise ValueError(f"forget_split must be 'forget_test' or 'forget_dev', got {forget_split!r}")
+    return {forget_split: forget, "retain": setup.items[kind]["retain"]}
 
 
 def summarize(
@@ -229,6 +238,7 @@ def attack_report(
     benign: bool = True,
     weights: str | None = None,
     device: str = "cpu",
+    forget_split: str = "forget_test",
 ) -> dict[str, Any]:
     """Attack `setup`'s model and its controls; write tamper_results.json and tamper.png.
 
@@ -244,12 +254,14 @@ def attack_report(
         weights: Where the attacked model's weights can be reloaded for the benign control
             (default: the loaded model's source).
         device: Device of the control models.
+        forget_split: The held-out forget split scored: "forget_test" (reporting) or "forget_dev"
+            (choosing defaults).
 
     Returns:
         The contents of tamper_results.json: settings, records, controls, summary.
     """
     out = Path(out_dir).expanduser()
-    items = _eval_items(setup)
+    items = eval_items(setup, forget_split)
     key = result_key(
         settings,
         {
@@ -263,9 +275,11 @@ def attack_report(
     control_curves: dict[str, list[dict[str, Any]]] = {}
     if controls and setup.world is not None:
         control_curves[UNFILTERED] = control_records(
-            setup.world, "unfiltered", setup, settings, device
+            setup.world, "unfiltered", setup, settings, device, forget_split
         )
-        control_curves[FILTERED] = control_records(setup.world, "filtered", setup, settings, device)
+        control_curves[FILTERED] = control_records(
+            setup.world, "filtered", setup, settings, device, forget_split
+        )
         if benign and settings.data == "forget":
             fresh = load_model(weights or setup.loaded.source, device=device)
             control_curves[BENIGN], _ = attack(

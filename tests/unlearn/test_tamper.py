@@ -169,8 +169,11 @@ def test_lora_attack_changes_the_model(tiny_setup, tmp_path):
 
 def test_attack_errors(tiny_setup, tmp_path):
     model, tok = tiny_setup.loaded.hf_model, tiny_setup.loaded.tokenizer
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(ValueError, match="exactly one of"):
         attack(model, tok, tiny_setup.forget_docs, {"retain": []}, AttackSettings(), tmp_path)
+    both = {"retain": [], "forget_test": [], "forget_dev": []}
+    with pytest.raises(ValueError, match="exactly one of"):
+        attack(model, tok, tiny_setup.forget_docs, both, AttackSettings(), tmp_path)
     with pytest.raises(ValueError, match="retain_docs"):
         attack(
             model,
@@ -247,3 +250,20 @@ def test_collapsed_model_is_flagged():
     assert summary["collapsed"] is True and summary["held"] is True
     healthy = [dict(r, retain_acc=0.95) for r in collapsed]
     assert summarize(healthy, floor=floor, original_retain=0.97)["collapsed"] is False
+
+
+def test_an_attack_scored_on_dev_needs_no_reporting_and_names_its_split(tiny_setup, tmp_path):
+    """Choosing defaults attacks with dev items: scored outside `reporting()`, records say so, and
+    the forget accuracy is the dev items' (checked against scoring them directly)."""
+    from unlearn.eval import evaluate_mc
+
+    model, tok = tiny_setup.loaded.hf_model, tiny_setup.loaded.tokenizer
+    dev = tiny_setup.items["reserved"]["forget_dev"][:12]
+    retain = tiny_setup.items["reserved"]["retain"][:8]
+    expected = evaluate_mc(model, tok, dev).acc
+    settings = AttackSettings(num_steps=1, batch_size=2, max_len=32, early_evals=())
+    records, _ = attack(
+        model, tok, tiny_setup.forget_docs, {"forget_dev": dev, "retain": retain}, settings, tmp_path
+    )
+    assert [r["forget_split"] for r in records] == ["forget_dev", "forget_dev"]
+    assert records[0]["forget_acc"] == pytest.approx(expected)

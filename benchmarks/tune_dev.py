@@ -1,0 +1,244 @@
+"""Choose each method's learning rate on the **dev** split: the sweep behind the committed defaults.
+
+For every method, the recipe runs at three learning rates (its committed default, a third of it and
+three times it; unlearning seed 0) and each unlearned model is attacked by the attack suite
+shortened to `--num_steps` (default 100) steps, every evaluation scoring the held-out **dev** items
+(entities disjoint from the test split's) and retain. The unfiltered model and the filtered twin
+are attacked by the same shortened suite. Test items are never scored here (`unlearn.eval`
+refuses them outside final reporting).
+
+The rule (`choose`), read off DESIGN.md's targets: a setting qualifies when its pre-attack dev
+forget accuracy is at most 35% and its retain accuracy at least 90% of the unfiltered model's;
+qualifying settings come first, then the lowest excess max over the filtered twin (worst case over
+the suite, points), then the lowest excess mean. The chosen rates are the recipes' committed
+defaults; `tests/benchmarks/test_tune_dev.py` fails when a default and this file disagree.
+
+Writes tune_dev.json (every setting's dev metrics and worst-case curve, the choice, config,
+machine, git SHA) and tune_dev.md into --results. Runs go to --out (default
+`$UNLEARN_HOME/tune_dev/<preset>`), keyed like the leaderboard's (`unlearn.keys`): a killed sweep
+resumes.
+
+Commands:
+    python -m benchmarks.tune_dev                       # about 40 minutes on 2 CPU cores
+    python -m benchmarks.tune_dev --methods lens_unlearn
+    python -m benchmarks.tune_dev --world_preset tiny --num_steps 2 \
+        --unlearn_args "--num_steps 2 --batch_size 4" --results /tmp/tune   # smoke test
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from simple_parsing import parse
+
+from recipes.retain_ablation import UNLEARNING_RECIPES, run_keyed
+from unlearn.experiment import DataConfig, ModelConfig, load_setup
+from unlearn.keys import content_key
+from unlearn.provenance import git_sha, machine, portable_paths
+from unlearn.tamper import suite
+from unlearn.tamper_report import attack_report, control_records
+from unlearn.tamper_stats import Curves, point_metrics
+from unlearn.toyworld.world import unlearn_home
+
+DEV = "forget_dev"
+MAX_FORGET = 0.35
+"""A qualifying setting's highest pre-attack dev forget accuracy (DESIGN.md)."""
+MIN_RETAIN_SHARE = 0.90
+"""A qualifying setting's lowest retain accuracy, as a share of the unfiltered model's."""
+LR_FACTORS = (1 / 3, 1.0, 3.0)
+"""Learning rates swept, as multiples of the recipe's committed default."""
+
+
+@dataclass
+class Config:
+    """Dev-split sweep of every method's learning rate."""
+
+    methods: list[str] = field(default_factory=lambda: list(UNLEARNING_RECIPES))
+    """Recipes to sweep (modules of `recipes`)."""
+    suite: str = "default"
+    """Attack suite (`unlearn.tamper.ATTACK_SUITES`), shortened to `num_steps`."""
+    num_steps: int = 100
+    """Attack steps of every attack of the suite."""
+    world_preset: Literal["default", "tiny"] = "default"
+    """Toy-world preset."""
+    unlearn_args: str = ""
+    """Extra flags for every recipe, as one string."""
+    out: str | None = None
+    """Where the runs go (default: $UNLEARN_HOME/tune_dev/<preset>)."""
+    results: str = "benchmarks/results"
+    """Where tune_dev.{json,md} go."""
+    device: str = ModelConfig().device
+    """Device."""
+
+    def __post_init__(self) -> None:
+        """Check the methods and suite before anything runs.
+
+        Raises:
+            ValueError: Unknown methods or suite.
+        """
+        unknown = set(self.methods) - set(UNLEARNING_RECIPES)
+        if unknown:
+            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {UNLEARNING_RECIPES}")
+        suite(self.suite)
+
+
+def default_lr(recipe_name: str) -> float:
+    """The recipe's committed default learning rate."""
+    import importlib
+
+    recipe = importlib.import_module(f"recipes.{recipe_name}")
+    return float(parse(recipe.Config, args=[]).training.lr)
+
+
+def qualifies(metrics: dict[str, Any], unfiltered_retain: float) -> bool:
+    """Pre-attack dev forget <= 35% and retain >= 90% of the unfiltered model's."""
+    return (
+        metrics["forget_pre"] <= MAX_FORGET
+        and metrics["retain_pre"] >= MIN_RETAIN_SHARE * unfiltered_retain
+    )
+
+
+def choose(
+    candidates: dict[str, dict[str, Any]], unfiltered_retain: float, default: str | None = None
+) -> str:
+    """The chosen setting: qualifying first, then the lowest excess max, then excess mean; on a
+    tie, `default` (a committed default changes only on evidence)."""
+    return min(
+        candidates,
+        key=lambda name: (
+            not qualifies(candidates[name], unfiltered_retain),
+            round(candidates[name]["excess_max"], 6),
+            round(candidates[name]["excess_mean"], 6),
+            name != default,
+        ),
+    )
+
+
+def _attacks(cfg: Config, setup_args: dict[str, Any], model_dir: Path, out: Path, label: str):
+    per_attack = []
+    for name, settings in suite(cfg.suite, cfg.num_steps).items():
+        setup = load_setup(**setup_args, weights=str(model_dir))
+        report = attack_report(
+            setup,
+            settings,
+            out / "attacks" / name,
+            label=f"{label}, {name}",
+            controls=False,
+            weights=str(model_dir),
+            forget_split=DEV,
+        )
+        per_attack.append(report["records"])
+    return per_attack
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    """Sweep, choose and write tune_dev.{json,md}."""
+    start = time.perf_counter()
+    out = Path(cfg.out or unlearn_home() / "tune_dev" / cfg.world_preset).expanduser()
+    setup_args = {
+        "model_cfg": ModelConfig(world_preset=cfg.world_preset, device=cfg.device),
+        "data_cfg": DataConfig(),
+    }
+    setup = load_setup(**setup_args)
+    world = setup.world
+    assert world is not None
+    controls = {
+        name: Curves.from_records(
+            [
+                [
+                    control_records(world, name, setup, settings, cfg.device, DEV)
+                    for settings in suite(cfg.suite, cfg.num_steps).values()
+                ]
+            ]
+        )
+        for name in ("unfiltered", "filtered")
+    }
+    unfiltered_retain = float(controls["unfiltered"].retain_credit.mean())
+    args = ["--world_preset", cfg.world_preset, *shlex.split(cfg.unlearn_args), "--seed", "0"]
+    methods: dict[str, Any] = {}
+    for method in cfg.methods:
+        base = default_lr(method)
+        candidates: dict[str, dict[str, Any]] = {}
+        for factor in LR_FACTORS:
+            lr = base if factor == 1.0 else float(f"{base * factor:.3g}")
+            run_dir = out / method / f"lr{lr:g}"
+            run, _ = run_keyed(
+                method,
+                [*args, "--lr", str(lr)],
+                run_dir,
+                inputs={"world": content_key(world.root / "config.json")},
+            )
+            curves = Curves.from_records(
+                [_attacks(cfg, setup_args, run / "model", run_dir, f"{method} lr {lr:g}")]
+            )
+            metrics = point_metrics(curves, controls["filtered"], unfiltered_retain)
+            candidates[f"{lr:g}"] = {"lr": lr, **metrics}
+        chosen = choose(candidates, unfiltered_retain, default=f"{base:g}")
+        methods[method] = {"default_lr": base, "chosen": chosen, "settings": candidates}
+        print(f"{method}: chose lr {chosen} (default {base:g})")
+    sha = git_sha()
+    payload = {
+        "command": ("python -m benchmarks.tune_dev " + shlex.join(sys.argv[1:])).strip(),
+        "git_sha": sha.removesuffix("+dirty"),
+        "dirty": sha.endswith("+dirty"),
+        "machine": machine(),
+        "config": portable_paths(asdict(cfg)),
+        "steps": controls["filtered"].steps,
+        "n_dev_items": int(controls["filtered"].forget.shape[-1]),
+        "unfiltered": point_metrics(controls["unfiltered"], controls["filtered"], unfiltered_retain),
+        "filtered": point_metrics(controls["filtered"], controls["filtered"], unfiltered_retain),
+        "methods": methods,
+        "seconds": time.perf_counter() - start,
+    }
+    results = Path(cfg.results).expanduser()
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "tune_dev.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (results / "tune_dev.md").write_text(tune_markdown(payload))
+    print(f"wrote {results / 'tune_dev.md'}")
+    return payload
+
+
+def tune_markdown(payload: dict[str, Any]) -> str:
+    """tune_dev.md: provenance, the rule and every setting's dev metrics."""
+    cfg, mach = payload["config"], payload["machine"]
+    lines = [
+        f"# Learning rates chosen on the dev split ({cfg['world_preset']} toy world)\n",
+        f"Command: `{payload['command']}` at {payload['git_sha'][:7]}"
+        f"{' (dirty tree)' if payload['dirty'] else ' (clean tree)'}; machine: "
+        f"{mach['platform']}, {mach['cpu_threads']} CPU threads, torch {mach['torch']}.\n",
+        f"Unlearning seed 0; attack suite `{cfg['suite']}` shortened to {cfg['num_steps']} steps; "
+        f"accuracies in % on {payload['n_dev_items']} held-out **dev** items and on retain. "
+        "Excess: worst case over the suite minus the filtered twin's, points, max and mean over "
+        f"steps {payload['steps']}. Rule: pre-attack dev forget <= {100 * MAX_FORGET:.0f}% and "
+        f"retain >= {100 * MIN_RETAIN_SHARE:.0f}% of the unfiltered model's first, then the "
+        "lowest excess max, then excess mean. Chosen settings in bold.\n",
+        "| method | lr | forget (dev) | retain | excess max | excess mean | qualifies |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    unfiltered_retain = payload["unfiltered"]["retain_pre"]
+    for label in ("unfiltered", "filtered"):
+        m = payload[label]
+        lines.append(
+            f"| {label} | – | {100 * m['forget_pre']:.1f} | {100 * m['retain_pre']:.1f} | "
+            f"{100 * m['excess_max']:.1f} | {100 * m['excess_mean']:.1f} | – |"
+        )
+    for method, sweep in payload["methods"].items():
+        for name, m in sweep["settings"].items():
+            bold = "**" if name == sweep["chosen"] else ""
+            lines.append(
+                f"| {method} | {bold}{name}{bold} | {100 * m['forget_pre']:.1f} | "
+                f"{100 * m['retain_pre']:.1f} | {100 * m['excess_max']:.1f} | "
+                f"{100 * m['excess_mean']:.1f} | "
+                f"{'yes' if qualifies(m, unfiltered_retain) else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main(parse(Config, add_config_path_arg=True))
