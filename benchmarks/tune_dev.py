@@ -1,17 +1,18 @@
 """Choose each method's learning rate on the **dev** split: the sweep behind the committed defaults.
 
-For every method, the recipe runs at three learning rates (its committed default, a third of it and
-three times it; unlearning seed 0) and each unlearned model is attacked by the attack suite
-shortened to `--num_steps` (default 100) steps, every evaluation scoring the held-out **dev** items
-(entities disjoint from the test split's) and retain. The unfiltered model and the filtered twin
-are attacked by the same shortened suite. Test items are never scored here (`unlearn.eval`
-refuses them outside final reporting).
+For every method, the recipe runs at three learning rates (`LR_GRID`: its previous default, a
+third of it and three times it; unlearning seed 0) and each unlearned model is attacked by the
+attack suite shortened to `--num_steps` (default 100) steps, every evaluation scoring the held-out
+**dev** items (entities disjoint from the test split's) and retain. The unfiltered model and the
+filtered twin are attacked by the same shortened suite. Test items are never scored here
+(`unlearn.eval` refuses them outside final reporting).
 
 The rule (`choose`), read off DESIGN.md's targets: a setting qualifies when its pre-attack dev
 forget accuracy is at most 35% and its retain accuracy at least 90% of the unfiltered model's;
 qualifying settings come first, then the lowest excess max over the filtered twin (worst case over
-the suite, points), then the lowest excess mean. The chosen rates are the recipes' committed
-defaults; `tests/benchmarks/test_tune_dev.py` fails when a default and this file disagree.
+the suite, points), then the lowest excess mean, then the previous default. The chosen rates are
+the recipes' committed defaults; `tests/benchmarks/test_tune_dev.py` fails when a default and this
+file disagree.
 
 Writes tune_dev.json (every setting's dev metrics and worst-case curve, the choice, config,
 machine, git SHA) and tune_dev.md into --results. Runs go to --out (default
@@ -51,8 +52,20 @@ MAX_FORGET = 0.35
 """A qualifying setting's highest pre-attack dev forget accuracy (DESIGN.md)."""
 MIN_RETAIN_SHARE = 0.90
 """A qualifying setting's lowest retain accuracy, as a share of the unfiltered model's."""
-LR_FACTORS = (1 / 3, 1.0, 3.0)
-"""Learning rates swept, as multiples of the recipe's committed default."""
+PREVIOUS_LR = {
+    "lens_unlearn": 3e-4,
+    "circuit_breakers": 3e-3,
+    "checkpoint_transfer": 1e-3,
+    "sequential": 2e-3,
+    "rewritten_transfer": 2e-3,
+    "probe_unlearn": 5e-4,
+}
+"""The defaults before this sweep (chosen on held-out numbers that are now the test split's)."""
+LR_GRID = {
+    method: (float(f"{lr / 3:.3g}"), lr, float(f"{lr * 3:.3g}"))
+    for method, lr in PREVIOUS_LR.items()
+}
+"""Learning rates swept: a third of the previous default, it, and three times it."""
 
 
 @dataclass
@@ -107,8 +120,10 @@ def qualifies(metrics: dict[str, Any], unfiltered_retain: float) -> bool:
 def choose(
     candidates: dict[str, dict[str, Any]], unfiltered_retain: float, default: str | None = None
 ) -> str:
-    """The chosen setting: qualifying first, then the lowest excess max, then excess mean; on a
-    tie, `default` (a committed default changes only on evidence)."""
+    """The chosen setting: qualifying first, then the lowest excess max, then excess mean.
+
+    On a tie, `default` wins (a committed default changes only on evidence).
+    """
     return min(
         candidates,
         key=lambda name: (
@@ -163,10 +178,9 @@ def main(cfg: Config) -> dict[str, Any]:
     args = ["--world_preset", cfg.world_preset, *shlex.split(cfg.unlearn_args), "--seed", "0"]
     methods: dict[str, Any] = {}
     for method in cfg.methods:
-        base = default_lr(method)
+        base = PREVIOUS_LR[method]
         candidates: dict[str, dict[str, Any]] = {}
-        for factor in LR_FACTORS:
-            lr = base if factor == 1.0 else float(f"{base * factor:.3g}")
+        for lr in LR_GRID[method]:
             run_dir = out / method / f"lr{lr:g}"
             run, _ = run_keyed(
                 method,
@@ -180,8 +194,8 @@ def main(cfg: Config) -> dict[str, Any]:
             metrics = point_metrics(curves, controls["filtered"], unfiltered_retain)
             candidates[f"{lr:g}"] = {"lr": lr, **metrics}
         chosen = choose(candidates, unfiltered_retain, default=f"{base:g}")
-        methods[method] = {"default_lr": base, "chosen": chosen, "settings": candidates}
-        print(f"{method}: chose lr {chosen} (default {base:g})")
+        methods[method] = {"previous_lr": base, "chosen": chosen, "settings": candidates}
+        print(f"{method}: chose lr {chosen} (previous default {base:g})")
     sha = git_sha()
     payload = {
         "command": ("python -m benchmarks.tune_dev " + shlex.join(sys.argv[1:])).strip(),
@@ -191,7 +205,9 @@ def main(cfg: Config) -> dict[str, Any]:
         "config": portable_paths(asdict(cfg)),
         "steps": controls["filtered"].steps,
         "n_dev_items": int(controls["filtered"].forget.shape[-1]),
-        "unfiltered": point_metrics(controls["unfiltered"], controls["filtered"], unfiltered_retain),
+        "unfiltered": point_metrics(
+            controls["unfiltered"], controls["filtered"], unfiltered_retain
+        ),
         "filtered": point_metrics(controls["filtered"], controls["filtered"], unfiltered_retain),
         "methods": methods,
         "seconds": time.perf_counter() - start,

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import nullcontext
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -44,8 +44,8 @@ from unlearn.training import LoraSettings, OptimSettings, train
 
 RESULTS_FILE = "tamper_results.json"
 FORGET_SPLITS = ("forget_test", "forget_dev")
-"""The held-out forget split an attack evaluates: test (an attack's curve is reported, never used for
-a choice) or dev (choosing a method's defaults, `benchmarks.tune_dev`)."""
+"""The held-out forget split an attack evaluates: test (an attack's curve is reported, never used
+for a choice) or dev (choosing a method's defaults, `benchmarks.tune_dev`)."""
 
 
 @dataclass(frozen=True)
@@ -305,7 +305,8 @@ def _forget_split(eval_items: Mapping[str, Sequence[dict[str, Any]]]) -> str:
     forget = [split for split in FORGET_SPLITS if split in eval_items]
     if len(forget) != 1 or "retain" not in eval_items:
         raise ValueError(
-            f"eval_items needs 'retain' and exactly one of {FORGET_SPLITS}; it has {sorted(eval_items)}"
+            f"eval_items needs 'retain' and exactly one of {FORGET_SPLITS}; "
+            f"it has {sorted(eval_items)}"
         )
     return forget[0]
 
