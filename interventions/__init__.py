@@ -16,11 +16,23 @@ interactively (`interventions.ops`) and on TransformerLens bridges (`interventio
     out = step({"forget": forget_batch})  # {"acts", "routed", "forget/attention_mask"}
 
 Read-only calls also run on NDIF, another host or nnsight's local simulation: pass
-``remote=True``, a URL or ``"local"`` (`interventions.remote`); training stays local.
+``remote=True``, a URL or ``"local"`` (`interventions.remote`); training stays local. An evaluator
+asks for log-probabilities, reduced inside the trace (`interventions.scoring`)::
+
+    scores = choice_logprobs(model, input_ids, attention_mask, target_mask, remote="local")
+
+Code outside this package never touches nnsight itself: `wrap_lm` wraps a Hugging Face model and
+`unwrap` gives the torch module back.
 """
 
 from interventions.graph import CompiledStep, StepGraph
-from interventions.nnsight_backend import as_envoy, position_ids_from_mask
+from interventions.nnsight_backend import (
+    WrappedLM,
+    as_envoy,
+    position_ids_from_mask,
+    unwrap,
+    wrap_lm,
+)
 from interventions.nodes import (
     DEFAULT_BATCH,
     DEFAULT_MODEL,
@@ -33,6 +45,7 @@ from interventions.nodes import (
 )
 from interventions.ops import capture_acts, lens, patch_acts, route
 from interventions.remote import Execution, Remote, RemoteTrainingError
+from interventions.scoring import choice_logprobs, token_logprobs
 from interventions.sites import (
     ARCHITECTURES,
     Site,
@@ -60,9 +73,11 @@ __all__ = [
     "StepGraph",
     "Translator",
     "Write",
+    "WrappedLM",
     "as_envoy",
     "bridge_from_hf",
     "capture_acts",
+    "choice_logprobs",
     "describe_model",
     "expand_layers",
     "is_bridge",
@@ -73,4 +88,7 @@ __all__ = [
     "resolve_sites",
     "route",
     "site_names",
+    "token_logprobs",
+    "unwrap",
+    "wrap_lm",
 ]

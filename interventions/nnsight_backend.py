@@ -20,14 +20,27 @@ from typing import Any, Literal, cast
 
 import torch
 from jaxtyping import Bool, Float, Int
-from nnsight import Envoy, NNsight, save
+from nnsight import Envoy, NNsight, TransformersModel, save
 from nnsight.intervention.tracer import InterleavingTracer
 from torch import Tensor, nn
 
 from interventions.remote import CapturingBackend, Remote, make_backend, wait_for_result
 from interventions.sites import Architecture
 
-__all__ = ["Edit", "Point", "as_envoy", "forward_kwargs", "position_ids_from_mask", "run_trace"]
+__all__ = [
+    "Edit",
+    "Point",
+    "WrappedLM",
+    "as_envoy",
+    "forward_kwargs",
+    "position_ids_from_mask",
+    "run_trace",
+    "unwrap",
+    "wrap_lm",
+]
+
+WrappedLM = TransformersModel
+"""The nnsight wrapper of a Hugging Face causal LM (what `wrap_lm` returns)."""
 
 WriteMode = Literal["replace", "add", "scale", "zero"]
 """How a write combines its value with the activation: ``value``, ``act + value``,
@@ -45,6 +58,27 @@ def as_envoy(model: nn.Module | Envoy) -> Envoy:
         and leaves the module usable outside traces exactly as before.
     """
     return model if isinstance(model, Envoy) else NNsight(model)
+
+
+def unwrap(model: nn.Module | Envoy) -> nn.Module:
+    """Return the torch module behind ``model``: the wrapped module of an envoy, else ``model``.
+
+    The module shares its weights with the wrapper, so it can be trained, saved or moved directly.
+
+    Args:
+        model: A torch module, or an nnsight wrapper of one (``NNsight``, `WrappedLM`).
+    """
+    return model._module if isinstance(model, Envoy) else model
+
+
+def wrap_lm(model: nn.Module, tokenizer: Any) -> WrappedLM:
+    """Wrap a Hugging Face causal LM for nnsight, with its tokenizer (so ``trace`` takes text).
+
+    Args:
+        model: The loaded model; the wrapper shares its weights (`unwrap` gives it back).
+        tokenizer: Its Hugging Face tokenizer.
+    """
+    return TransformersModel(model, tokenizer=tokenizer)
 
 
 def position_ids_from_mask(

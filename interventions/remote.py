@@ -1,8 +1,8 @@
 """Where a read-only trace runs: here (default), on NDIF, on another NDIF host, or simulated.
 
 Every read-only entry point (`interventions.capture_acts`, `interventions.lens`, a gradient-free
-`CompiledStep`, and `unlearn.eval.target_logprobs` / `score_continuations` / `evaluate_mc`) takes
-``remote=``, spelled as nnsight spells it on ``model.trace``::
+`CompiledStep`, `interventions.token_logprobs` / `choice_logprobs`, and the evaluator built on
+them, `unlearn.eval`) takes ``remote=``, spelled as nnsight spells it on ``model.trace``::
 
     capture_acts(model, ids, "blocks.{l}.hook_resid_post", layers="all")                # local
     capture_acts(model, ids, "blocks.{l}.hook_resid_post", layers="all", remote=True)   # NDIF

@@ -9,10 +9,12 @@ scores chance rather than whatever the choice order favours.
 
 Tokenization follows lm-eval: the continuation's tokens are those of `prompt + choice` past the
 tokens of `prompt`. Batches may be padded on either side; positions come from the attention mask,
-so left and right padding give the same scores. Logits are read through an nnsight trace when the
-model is an nnsight wrapper or when ``remote=`` asks for a non-local run (NDIF, a host URL, or
-nnsight's ``"local"`` simulation; see `interventions.remote`), or by calling the module otherwise.
-Only the chosen log-probabilities travel back from a remote run, not the logits.
+so left and right padding give the same scores. The log-probabilities come from
+`interventions.choice_logprobs`, which reads the logits through an nnsight trace when the model is
+an nnsight wrapper or when ``remote=`` asks for a non-local run (NDIF, a host URL, or nnsight's
+``"local"`` simulation; see `interventions.remote`), or calls the module otherwise. Each
+continuation's summed log-probability is computed inside the trace, so only one number a sequence
+travels back from a remote run, not the logits.
 
 Test items (split "forget_test": held-out entities kept for reporting) are scored only inside
 `reporting()`, the context of final reporting; anywhere else `evaluate_mc` refuses them, so a
@@ -30,15 +32,20 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
-from nnsight import NNsight
 from torch import Tensor
 
-from interventions import Execution, as_envoy, position_ids_from_mask
-from interventions.remote import CapturingBackend, as_remote, make_backend, wait_for_result
+from interventions import (
+    Execution,
+    choice_logprobs,
+    position_ids_from_mask,
+    token_logprobs,
+    unwrap,
+)
+from interventions.remote import as_remote
 
 TIE_ATOL = 1e-5
 """Scores within this many nats of the best count as tied."""
@@ -121,8 +128,7 @@ def decode_credit(encoded: str) -> list[float]:
 
 
 def _module_device(model: Any) -> torch.device:
-    module = model._module if isinstance(model, NNsight) else model
-    param = next(module.parameters(), None)
+    param = next(unwrap(model).parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
 
@@ -144,28 +150,7 @@ def target_logprobs(
         attention_mask: 1 for real tokens, 0 for padding.
         remote: Where to run (`interventions.remote`); a plain module is wrapped for nnsight.
     """
-    where = as_remote(remote)
-    position_ids = position_ids_from_mask(attention_mask)
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    with torch.no_grad():
-        if isinstance(model, NNsight) or where is not None:
-            envoy = as_envoy(model)
-            backend = None if where is None else CapturingBackend(make_backend(envoy, where))
-            with envoy.trace(
-                input_ids, attention_mask=attention_mask, position_ids=position_ids, backend=backend
-            ):
-                logits = envoy.output.logits
-                picked = logits[:, :-1].float().log_softmax(-1).gather(-1, targets).save()
-            if where is not None:
-                result = wait_for_result(cast(CapturingBackend, backend), where)
-                picked = result["picked"] if result is not None else picked
-        else:
-            out = model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-            )
-            picked = out.logits[:, :-1].float().log_softmax(-1).gather(-1, targets)
-    picked = picked.squeeze(-1)
-    return torch.cat([picked, picked.new_zeros(picked.shape[0], 1)], dim=1)
+    return token_logprobs(model, input_ids, attention_mask, remote=remote)
 
 
 def _encode_pair(
@@ -252,18 +237,20 @@ def score_continuations(
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         ids, mask = _pad([row for row, _ in chunk], pad_id, padding_side)
-        logprobs = target_logprobs(model, ids.to(device), mask.to(device), remote=remote)
-        logprobs = logprobs.double().cpu()
-        # logprobs[b, t] scores token t+1, so the continuation's k tokens ending at the row's last
-        # real token are scored at the k positions ending one before it.
+        # The continuation's k tokens end at the row's last real token.
         last = mask.shape[1] - 1 if padding_side == "left" else mask.sum(1) - 1
         last = torch.as_tensor(last).expand(len(chunk))
         n_cont = torch.tensor([n for _, n in chunk])
         cols = torch.arange(mask.shape[1])
-        in_continuation: Bool[Tensor, "batch pos"] = (cols[None] >= (last - n_cont)[:, None]) & (
-            cols[None] < last[:, None]
+        in_continuation: Bool[Tensor, "batch pos"] = (cols[None] > (last - n_cont)[:, None]) & (
+            cols[None] <= last[:, None]
         )
-        scores[start : start + len(chunk)] = torch.where(in_continuation, logprobs, 0.0).sum(1)
+        # A row's first real token has nothing before it to predict it (no BOS, empty context).
+        in_continuation &= position_ids_from_mask(mask) > 0
+        chunk_scores = choice_logprobs(
+            model, ids.to(device), mask.to(device), in_continuation.to(device), remote=remote
+        )
+        scores[start : start + len(chunk)] = chunk_scores.cpu()
     if not torch.isfinite(scores).all():
         bad = int((~torch.isfinite(scores)).sum())
         raise ValueError(f"{bad} of {len(scores)} continuation scores are not finite")

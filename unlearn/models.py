@@ -24,12 +24,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from nnsight import TransformersModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from interventions import WrappedLM, unwrap, wrap_lm
 from unlearn.keys import content_key
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -47,8 +47,8 @@ DTYPES: dict[str, torch.dtype] = {
 class LoadedModel:
     """A causal LM wrapped for nnsight, its tokenizer, and where it came from."""
 
-    model: TransformersModel
-    """The nnsight wrapper; `model._module` is the Hugging Face model (weights are shared)."""
+    model: WrappedLM
+    """The nnsight wrapper; `hf_model` is the Hugging Face model inside it (weights are shared)."""
     tokenizer: Any
     """The Hugging Face tokenizer."""
     source: str
@@ -59,7 +59,7 @@ class LoadedModel:
     @property
     def hf_model(self) -> PreTrainedModel:
         """The underlying Hugging Face model."""
-        return self.model._module  # type: ignore[return-value]
+        return cast(PreTrainedModel, unwrap(self.model))
 
 
 def list_checkpoints(path: str | os.PathLike[str]) -> list[str]:
@@ -286,7 +286,7 @@ def load_model(
         ) from err
     hf.to(device).eval()
     return LoadedModel(
-        model=TransformersModel(hf, tokenizer=tok),
+        model=wrap_lm(hf, tok),
         tokenizer=tok,
         source=source,
         revision=which,

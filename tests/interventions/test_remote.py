@@ -23,6 +23,7 @@ from interventions import (
     StepGraph,
     Write,
     capture_acts,
+    choice_logprobs,
     lens,
     patch_acts,
 )
@@ -109,6 +110,18 @@ def test_compiled_step_same_everywhere(neox, tokens, where):
     batches = {"a": tokens, "b": tokens.flip(0)}
     assert len(step.traces) == 2
     _close(step(batches), step(batches, remote=where))
+
+
+def test_choice_logprobs_same_everywhere(neox, tokens, where):
+    """The reduction runs inside the trace, wherever the trace runs; only [batch] comes back."""
+    mask = torch.ones_like(tokens)
+    mask[0, :2] = 0  # left padding in the first row
+    target = torch.zeros_like(tokens, dtype=torch.bool)
+    target[:, -3:] = True
+    expected = choice_logprobs(neox, tokens, mask, target)
+    actual = choice_logprobs(neox, tokens, mask, target, remote=where)
+    assert actual.shape == (2,) and actual.dtype == torch.float64
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=1e-5)
 
 
 def test_eval_same_everywhere(tiny_lm, server):

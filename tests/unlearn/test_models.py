@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from interventions import unwrap
 from unlearn.models import CHECKPOINTS_DIR, list_checkpoints, load_model
 
 
@@ -51,6 +52,13 @@ def test_loaded_model_traces_with_nnsight(saved_model):
         expected = model(ids, output_hidden_states=True)
     torch.testing.assert_close(logits, expected.logits)
     torch.testing.assert_close(hidden, expected.hidden_states[1])
+    # hf_model is the module inside the wrapper, not a copy: an edit shows in the next trace.
+    assert loaded.hf_model is unwrap(loaded.model)
+    with torch.no_grad():
+        loaded.hf_model.get_output_embeddings().weight.zero_()
+    with loaded.model.trace(ids):
+        zeroed = loaded.model.output.logits.save()
+    assert (zeroed == 0).all()
 
 
 def test_bfloat16_load(saved_model):
