@@ -35,9 +35,10 @@ from typing import Any, Literal
 
 from simple_parsing import parse
 
-from recipes.retain_ablation import UNLEARNING_RECIPES, run_keyed
+from recipes.unlearn import run_keyed
 from unlearn.experiment import DataConfig, ModelConfig, load_setup
 from unlearn.keys import content_key
+from unlearn.methods import REGISTRY
 from unlearn.plots import plot_recovery
 from unlearn.provenance import git_sha, machine, portable_paths
 from unlearn.tamper import suite
@@ -53,8 +54,8 @@ UNFILTERED, FILTERED = "unfiltered", "filtered twin"
 class Config:
     """Leaderboard of the unlearning recipes under an attack suite, over seeds."""
 
-    methods: list[str] = field(default_factory=lambda: list(UNLEARNING_RECIPES))
-    """Recipes to run (modules of `recipes`)."""
+    methods: list[str] = field(default_factory=lambda: list(REGISTRY))
+    """Methods to run (`unlearn.methods.REGISTRY`; default: every registered one)."""
     seeds: int = 3
     """Unlearning seeds per method (and attack seeds per control)."""
     suite: str = "default"
@@ -80,9 +81,9 @@ class Config:
         Raises:
             ValueError: Unknown methods or suite, or fewer than one seed.
         """
-        unknown = set(self.methods) - set(UNLEARNING_RECIPES)
+        unknown = set(self.methods) - set(REGISTRY)
         if unknown:
-            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {UNLEARNING_RECIPES}")
+            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {list(REGISTRY)}")
         if self.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
         suite(self.suite)

@@ -1,6 +1,7 @@
 """Each unlearning method with its committed defaults on the default toy world: quality and time.
 
-Runs every recipe below with its default config into a temporary directory, and records held-out
+Runs every registered method (`unlearn.methods.REGISTRY`) with its default config into a
+temporary directory, and records held-out
 forget accuracy, retain accuracy (and its ratio to the unfiltered model's), attack-split and
 seen-template accuracies, and wall time. Targets (DESIGN.md): held-out forget <= 35% with retain >=
 90% of the unfiltered model's, in <= 5 minutes on 2 CPU cores.
@@ -19,21 +20,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recipes import checkpoint_transfer, circuit_breakers, lens_unlearn
+from recipes.unlearn import config_class, run
+from unlearn.methods import REGISTRY
 from unlearn.provenance import git_sha, machine, portable_path
 from unlearn.toyworld import build_world, get_preset
 
-RECIPES = {
-    "lens_unlearn": lens_unlearn,
-    "circuit_breakers": circuit_breakers,
-    "checkpoint_transfer": checkpoint_transfer,
-}
 RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", default=sorted(RECIPES), choices=sorted(RECIPES))
+    parser.add_argument("--only", nargs="*", default=list(REGISTRY), choices=list(REGISTRY))
     parser.add_argument(
         "--markdown_only", action="store_true", help="rewrite the .md from the .json; run nothing"
     )
@@ -46,10 +43,9 @@ def main() -> None:
     unfiltered = world.report()["unfiltered"]
     rows = {}
     for name in args.only:
-        recipe = RECIPES[name]
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            results = recipe.main(recipe.Config(out=out))
+            results = run(config_class(name)(out=out))
             seconds = time.perf_counter() - start
         rows[name] = {
             "forget_test_acc": results["forget_acc"],

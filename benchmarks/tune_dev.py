@@ -38,9 +38,10 @@ from typing import Any, Literal
 
 from simple_parsing import parse
 
-from recipes.retain_ablation import UNLEARNING_RECIPES, run_keyed
+from recipes.unlearn import config_class, run_keyed
 from unlearn.experiment import DataConfig, ModelConfig, load_setup
 from unlearn.keys import content_key
+from unlearn.methods import REGISTRY
 from unlearn.provenance import git_sha, machine, portable_paths
 from unlearn.tamper import suite
 from unlearn.tamper_report import attack_report, control_records
@@ -72,8 +73,8 @@ LR_GRID = {
 class Config:
     """Dev-split sweep of every method's learning rate."""
 
-    methods: list[str] = field(default_factory=lambda: list(UNLEARNING_RECIPES))
-    """Recipes to sweep (modules of `recipes`)."""
+    methods: list[str] = field(default_factory=lambda: list(REGISTRY))
+    """Methods to sweep (`unlearn.methods.REGISTRY`)."""
     suite: str = "default"
     """Attack suite (`unlearn.tamper.ATTACK_SUITES`), shortened to `num_steps`."""
     num_steps: int = 100
@@ -95,18 +96,15 @@ class Config:
         Raises:
             ValueError: Unknown methods or suite.
         """
-        unknown = set(self.methods) - set(UNLEARNING_RECIPES)
+        unknown = set(self.methods) - set(REGISTRY)
         if unknown:
-            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {UNLEARNING_RECIPES}")
+            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {list(REGISTRY)}")
         suite(self.suite)
 
 
-def default_lr(recipe_name: str) -> float:
-    """The recipe's committed default learning rate."""
-    import importlib
-
-    recipe = importlib.import_module(f"recipes.{recipe_name}")
-    return float(parse(recipe.Config, args=[]).training.lr)
+def default_lr(name: str) -> float:
+    """The method's committed default learning rate."""
+    return float(config_class(name)().training.lr)
 
 
 def qualifies(metrics: dict[str, Any], unfiltered_retain: float) -> bool:

@@ -1,8 +1,8 @@
 """Tuned-lens unlearning: maximize the entropy of every layer's lens prediction on forget text.
 
-Loads the toy world's unfiltered model (building the world on first use), evaluates it, unlearns
-with the lens-entropy forget term plus a retain term (`unlearn.methods.lens_unlearn`), evaluates
-again and writes run_info.json, metrics.jsonl, training.png, model/ and results.json to --out.
+A preset of `python -m recipes.unlearn --method lens_unlearn` (`unlearn.methods.lens_unlearn`):
+the lens-entropy forget term plus a retain term. Writes run_info.json, metrics.jsonl,
+training.png, model/ and results.json to --out.
 
 Commands:
     python -m recipes.lens_unlearn --out runs/lens_unlearn
@@ -14,55 +14,17 @@ Commands:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from unlearn.experiment import DataConfig, ModelConfig, TrainingConfig, run_unlearning, start_run
-from unlearn.methods import LensUnlearn, LensUnlearnConfig
+from recipes.unlearn import config_class, run
 from unlearn.runs import run_recipe
 
-
-@dataclass
-class Config:
-    """Tuned-lens unlearning on the toy world (or any causal LM)."""
-
-    out: str = "runs/lens_unlearn"
-    """Output directory (rerun the same command to resume)."""
-    overwrite: bool = False
-    """Delete what --out holds and start over (a rerun without it resumes the same run and refuses
-    any other: another recipe, config, model, data or code version)."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=32))
-    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(num_steps=300, lr=3e-4))
-    method: LensUnlearnConfig = field(default_factory=LensUnlearnConfig)
+Config = config_class("lens_unlearn")
 
 
-def main(cfg: Config) -> dict[str, float]:
-    """Unlearn and return results.json's numbers."""
-    run_key = start_run(
-        cfg.out,
-        "lens_unlearn",
-        cfg,
-        cfg.model,
-        cfg.data,
-        overwrite=cfg.overwrite,
-        train_cfg=cfg.training,
-        paths={"lens_path": cfg.method.lens_path},
-    )
-    results = run_unlearning(
-        lambda n_layers: LensUnlearn(cfg.method, n_layers, device=cfg.model.device),
-        cfg.model,
-        cfg.data,
-        cfg.training,
-        cfg.out,
-        asdict(cfg),
-        name="lens_unlearn",
-        run_key=run_key,
-    )
-    print(
-        f"held-out forget {results['forget_acc_before']:.3f} -> {results['forget_acc']:.3f}, "
-        f"retain {results['retain_acc_before']:.3f} -> {results['retain_acc']:.3f}; {cfg.out}"
-    )
-    return results
+def main(cfg: Any) -> dict[str, Any]:
+    """Unlearn and return results.json's numbers (plus what preparation chose)."""
+    return run(cfg)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Commands:
 
 from __future__ import annotations
 
-import importlib
 import json
 import shlex
 import time
@@ -27,10 +26,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from simple_parsing import parse
-
+from recipes.unlearn import run_keyed
 from unlearn.experiment import DataConfig, ModelConfig, load_setup
-from unlearn.keys import result_key
+from unlearn.methods import registration
 from unlearn.plots import plot_recovery
 from unlearn.provenance import write_run_info
 from unlearn.runs import run_recipe
@@ -40,20 +38,9 @@ from unlearn.tamper_report import (
     FILTERED,
     UNFILTERED,
     attack_report,
-    prepare_keyed,
     resolve_model,
     summarize,
 )
-
-UNLEARNING_RECIPES = (
-    "lens_unlearn",
-    "circuit_breakers",
-    "checkpoint_transfer",
-    "sequential",
-    "rewritten_transfer",
-    "probe_unlearn",
-)
-"""Recipes (modules of `recipes`) that unlearn and write model/ and results.json."""
 
 ATTACK_STEPS = (25, 100, 300)
 """Attack steps the tables report held-out forget accuracy at."""
@@ -63,15 +50,8 @@ ATTACK_STEPS = (25, 100, 300)
 class Config:
     """Retain-term ablation of one unlearning recipe."""
 
-    method: Literal[
-        "lens_unlearn",
-        "circuit_breakers",
-        "checkpoint_transfer",
-        "sequential",
-        "rewritten_transfer",
-        "probe_unlearn",
-    ] = "lens_unlearn"
-    """The unlearning recipe to ablate."""
+    method: str = "lens_unlearn"
+    """The unlearning method to ablate (any of `unlearn.methods.REGISTRY`)."""
     out: str = "runs/retain_ablation"
     """Output directory."""
     unlearn_args: str = ""
@@ -83,42 +63,8 @@ class Config:
     device: str = ModelConfig().device
     """Device of the attacks."""
 
-
-def run_keyed(
-    recipe_name: str,
-    args: list[str],
-    out: Path,
-    retain_coef: float | None = None,
-    inputs: dict[str, str] | None = None,
-) -> tuple[Path, float]:
-    """Run an unlearning recipe into out/run, or reuse it if it was made under the same key.
-
-    The key (`unlearn.keys.result_key`) covers the recipe, its whole parsed config, `inputs`
-    (content keys, e.g. of the world) and the code version; a mismatch deletes `out` and reruns.
-
-    Args:
-        recipe_name: Module of `recipes` (one of `UNLEARNING_RECIPES`).
-        args: Flags for the recipe's Config.
-        out: Directory of this run (the recipe writes out/run).
-        retain_coef: Override the method's retain coefficient (0 for the ablation).
-        inputs: Further content keys of what the run depends on.
-
-    Returns:
-        The run's directory and the wall seconds it took (0 when reused).
-    """
-    recipe = importlib.import_module(f"recipes.{recipe_name}")
-    run = out / "run"
-    cfg = parse(recipe.Config, args=[*args, "--out", str(run)])
-    if retain_coef is not None:
-        cfg = replace(cfg, method=replace(cfg.method, retain_coef=retain_coef))
-    if hasattr(cfg, "tamper"):  # the recipe's own attack (checkpoint_transfer): run by callers
-        cfg = replace(cfg, tamper=False)
-    key = result_key({"recipe": recipe_name, "config": asdict(cfg)}, inputs)
-    if prepare_keyed(out, key, done="run/results.json"):
-        return run, 0.0
-    start = time.perf_counter()
-    recipe.main(cfg)
-    return run, time.perf_counter() - start
+    def __post_init__(self) -> None:
+        registration(self.method)  # raises ValueError naming the registered methods
 
 
 def unlearn_and_attack(
@@ -132,7 +78,7 @@ def unlearn_and_attack(
     """Run an unlearning recipe (`run_keyed`), then attack its model (keyed, out/tamper).
 
     Args:
-        recipe_name: Module of `recipes` (one of `UNLEARNING_RECIPES`).
+        recipe_name: A registered method (`unlearn.methods.REGISTRY`).
         args: Flags for the recipe's Config.
         out: The run's directory; the recipe writes out/run, the attack out/tamper.
         settings: The attack.

@@ -11,10 +11,11 @@ operator is checked as CUDA would check it:
   ``torch.randint(..., generator=cpu_generator, device="cuda")`` does.
 
 ``x.to("meta")``, ``module.to("meta")`` and factory calls with ``device="meta"`` (or an existing
-tensor's ``.device``) put data on the device; ``.cpu()`` and ``.to("cpu")`` bring it back. So code
-that derives devices from the tensors it meets runs here unchanged, and code that leaves a tensor,
-generator, map or lens on the CPU fails as it would on a GPU. Plain PyTorch meta tensors (no data)
-would catch fewer mismatches (matmul and random generators do not check) and cannot be read.
+tensor's ``.device``) put data on the device; ``.cpu()``, ``.to("cpu")`` and ``.tolist()`` bring it
+back (``tolist`` copies to the host, as on CUDA). So code that derives devices from the tensors it
+meets runs here unchanged, and code that leaves a tensor, generator, map or lens on the CPU fails
+as it would on a GPU. Plain PyTorch meta tensors (no data) would catch fewer mismatches (matmul
+and random generators do not check) and cannot be read.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class OnDevice(torch.Tensor):
 
     def __repr__(self) -> str:  # noqa: D105
         return f"OnDevice({self.data_!r})"
+
+    def tolist(self) -> Any:  # noqa: D102
+        # Copies to the host, as on CUDA (torch refuses tolist on any tensor subclass).
+        return self.data_.tolist()
 
     def __reduce_ex__(self, protocol: Any) -> Any:  # torch.save of a state on the device
         return (OnDevice, (self.data_,))

@@ -3,10 +3,12 @@
 Recipes share three config groups (the tuned-lens "ingredients"): `ModelConfig` (the toy world by
 default, or any Hugging Face name or local directory), `DataConfig` (forget/retain documents and
 evaluation items; the toy world's by default) and `TrainingConfig` (steps, optimizer, LoRA,
-evaluation and saving). `run_unlearning` checks every input and claims the output directory
-before any model loads (`start_run`: files exist and parse, the folder holds nothing of another
-run), evaluates the model, trains it with a method through `unlearn.training.train`, evaluates it
-again and writes, into the output directory:
+evaluation and saving). `run_method` runs any registered method (`unlearn.methods.REGISTRY`): it
+checks every input and claims the output directory before any model loads (`start_run`: files
+exist and parse, the folder holds nothing of another run), loads the model and data, lets the
+method prepare its plan (`Registration.build`: teacher selection, targets, ...), evaluates the
+model, trains every phase of the plan through the training core (`unlearn.training.train_plan`),
+evaluates it again and writes, into the output directory:
 
     run_key.json      what the run is keyed by: recipe, config, input content, code version
     run_info.json     the full config, git SHA, machine and command line
@@ -24,149 +26,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from unlearn.config import TOYWORLD, DataConfig, ModelConfig, TrainingConfig
 from unlearn.data import PairedBatches, read_documents, read_items, tokenize_documents
 from unlearn.eval import evaluate_mc, reporting
 from unlearn.keys import content_key
-from unlearn.methods.base import Method
+from unlearn.methods import Context, Plan, Registration
 from unlearn.models import LoadedModel, load_model, model_key
 from unlearn.plots import plot_training
 from unlearn.provenance import write_run_info
 from unlearn.runs import check_choices, claim_run_dir
 from unlearn.toyworld import MODEL_NAMES, build_world, get_preset
 from unlearn.toyworld.world import DEV, TEST, ToyWorld
-from unlearn.training import LoraSettings, NonFinitePolicy, OptimSettings, train
-
-TOYWORLD = "toyworld"
-"""`--model` value meaning the toy world's unfiltered model ("toyworld:filtered" for the twin)."""
-
-
-@dataclass
-class ModelConfig:
-    """Which model to unlearn."""
-
-    model: str = TOYWORLD
-    """"toyworld" (the toy world's unfiltered model), "toyworld:filtered", a Hugging Face name,
-    or a local directory written by save_pretrained."""
-    revision: str | None = None
-    """Hub revision, or checkpoint name of a local directory (e.g. "step400")."""
-    world_preset: Literal["default", "tiny"] = "default"
-    """Toy-world preset (built on first use)."""
-    world_seed: int = 0
-    """Toy-world seed."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weight dtype when loading (train in float32)."""
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    """Device of the model."""
-
-
-@dataclass
-class DataConfig:
-    """Forget/retain documents and evaluation items."""
-
-    forget_data: str | None = None
-    """JSON-lines forget documents ({"text", optional "facts"}); default: the toy world's attack
-    split (non-reserved templates)."""
-    retain_data: str | None = None
-    """JSON-lines retain documents; default: the toy world's retain corpus."""
-    eval_items: str | None = None
-    """Directory of <split>.jsonl cloze items: forget_dev (tuning), forget_test (reported only),
-    retain, optionally forget_attack; default: the toy world's items."""
-    eval_template: Literal["reserved", "seen"] = "reserved"
-    """Which toy-world template the headline numbers use (the other is reported too)."""
-    max_len: int = 128
-    """Longest document row in tokens."""
-    batch_size: int = 16
-    """Forget rows (and retain rows) per optimizer step."""
-    use_value_mask: bool = False
-    """Apply forget losses only at value tokens (per-token unlearning)."""
-    max_forget_docs: int | None = None
-    """Use only the first N forget documents."""
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.max_len < 2:
-            raise ValueError(
-                f"--batch_size must be >= 1 and --max_len >= 2, got {self.batch_size}, "
-                f"{self.max_len}"
-            )
-        if self.max_forget_docs is not None and self.max_forget_docs < 1:
-            raise ValueError(f"--max_forget_docs must be >= 1, got {self.max_forget_docs}")
-
-
-@dataclass
-class TrainingConfig:
-    """Optimization, adapters, evaluation and saving."""
-
-    num_steps: int = 200
-    """Optimizer steps."""
-    lr: float = 3e-4
-    """Peak learning rate."""
-    optimizer: Literal["adamw", "muon"] = "adamw"
-    """AdamW, or Muon on 2-D weights with AdamW on the rest."""
-    weight_decay: float = 0.0
-    """Weight decay."""
-    warmup_steps: int = 10
-    """Linear warmup steps."""
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
-    """Learning rate after warmup: constant, or a linear or cosine decay to 0."""
-    grad_clip: float = 1.0
-    """Gradient-norm clip (0 disables)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
-    precision: Literal["float32", "bfloat16"] = "float32"
-    """Autocast dtype of forward passes."""
-    lora_rank: int = 0
-    """LoRA rank; 0 fine-tunes every weight."""
-    lora_alpha: float = 16.0
-    """LoRA alpha."""
-    eval_every: int = 50
-    """Steps between evaluations (0: start and end only)."""
-    save_every: int = 50
-    """Steps between resumable states."""
-    seed: int = 0
-    """Seed of data order and random loss targets."""
-    on_nonfinite: NonFinitePolicy = "stop"
-    """A step with a NaN or infinite loss or gradient norm stops the run, keeping the last finite
-    state ("stop"), or is skipped without an update ("skip"; counted as skipped_steps)."""
-
-    def __post_init__(self) -> None:
-        counts = {"num_steps": self.num_steps, "grad_accum": self.grad_accum}
-        counts["save_every"] = self.save_every
-        problems = [
-            f"--{name} must be >= 1, got {value}" for name, value in counts.items() if value < 1
-        ]
-        for name in ("eval_every", "warmup_steps", "lora_rank", "grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
-                problems.append(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            problems.append(f"--lr must be a positive number (0 trains nothing), got {self.lr}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def optim_settings(self) -> OptimSettings:
-        """The optimizer settings `unlearn.training.train` takes."""
-        return OptimSettings(
-            lr=self.lr,
-            optimizer=self.optimizer,
-            weight_decay=self.weight_decay,
-            warmup_steps=self.warmup_steps,
-            schedule=self.schedule,
-            grad_clip=self.grad_clip,
-            grad_accum=self.grad_accum,
-            dtype=self.precision,
-        )
-
-    def lora_settings(self) -> LoraSettings | None:
-        """LoRA settings, or None for full fine-tuning (`lora_rank` 0)."""
-        return LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha) if self.lora_rank else None
+from unlearn.training import TrainResult, train_plan
 
 
 @dataclass
@@ -413,55 +292,94 @@ def report(model: nn.Module, tokenizer: Any, setup: Setup) -> dict[str, float]:
     return {"forget_acc": forget.acc, "retain_acc": retain.acc}
 
 
-def run_unlearning(
-    make_method: Callable[[int], Method],
+def run_method(
+    method: Registration,
+    method_cfg: Any,
     model_cfg: ModelConfig,
     data_cfg: DataConfig,
     train_cfg: TrainingConfig,
     out_dir: str | Path,
-    config: dict[str, Any],
-    name: str = "unlearn",
-    setup: Setup | None = None,
-    run_key: dict[str, Any] | None = None,
+    config: Any,
+    *,
     overwrite: bool = False,
-) -> dict[str, float]:
-    """Evaluate, unlearn with the method `make_method(n_layers)`, evaluate, and write the outputs.
+) -> dict[str, Any]:
+    """Check, load, prepare the method's plan, evaluate, train every phase, evaluate, write.
 
     Args:
-        make_method: The method for a model with that many blocks.
+        method: The registered method (`unlearn.methods.REGISTRY`).
+        method_cfg: Its settings.
         model_cfg: The model.
         data_cfg: The data.
-        train_cfg: The training.
+        train_cfg: The training (`num_steps` per phase).
         out_dir: The output folder.
-        config: What run_info.json records (the recipe's config and any extras).
-        name: The recipe's name (progress bar, plot title and run key).
-        setup: A model and data already loaded by `load_setup` (else they are loaded here).
-        run_key: The key `start_run` returned for this run; without it, `start_run` checks the
-            inputs and claims `out_dir` here, before loading anything.
-        overwrite: Without `run_key`: clear `out_dir` first.
+        config: The recipe's whole config (a dataclass: its `Literal` choices are checked before
+            anything loads), recorded in run_info.json.
+        overwrite: Clear `out_dir` first.
 
     Returns:
-        The contents of results.json.
+        The contents of results.json, plus what the preparation chose (`Plan.info`).
 
     Raises:
         RunMismatchError: `out_dir` holds another run.
     """
     out = Path(out_dir).expanduser()
-    if run_key is None:
-        run_key = start_run(
-            out, name, config, model_cfg, data_cfg, overwrite=overwrite, train_cfg=train_cfg
-        )
-    write_run_info(out, config)
+    run_key = start_run(
+        out,
+        method.name,
+        config,
+        model_cfg,
+        data_cfg,
+        overwrite=overwrite,
+        train_cfg=train_cfg,
+        **method.inputs(method_cfg, model_cfg, data_cfg),
+    )
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
     torch.manual_seed(train_cfg.seed)
-    setup = setup if setup is not None else load_setup(model_cfg, data_cfg)
+    setup = load_setup(model_cfg, data_cfg)
     model, tokenizer = setup.loaded.hf_model.float(), setup.loaded.tokenizer
-    method = make_method(model.config.num_hidden_layers)
+    context = Context(
+        model=model,
+        tokenizer=tokenizer,
+        source=setup.loaded.source,
+        forget_docs=setup.forget_docs,
+        retain_docs=setup.retain_docs,
+        items=setup.items,
+        data=data_cfg,
+        training=train_cfg,
+        device=model_cfg.device,
+        out_dir=out,
+        model_cfg=model_cfg,
+        world=setup.world,
+    )
+    plan = method.build(method_cfg, context)
+    write_run_info(out, {**config, **plan.info})
+    torch.manual_seed(train_cfg.seed)
     headline = data_cfg.eval_template
     before = {
         **evaluate(model, tokenizer, setup.items, headline),
         **report(model, tokenizer, setup),
     }
+    trained = _train_phases(model, plan, setup, data_cfg, train_cfg, out, run_key["key"], method)
+    after = {
+        **evaluate(trained[-1].model, tokenizer, setup.items, headline),
+        **report(trained[-1].model, tokenizer, setup),
+    }
+    return _write_outputs(out, method.name, plan, trained, tokenizer, before, after)
 
+
+def _train_phases(
+    model: nn.Module,
+    plan: Plan,
+    setup: Setup,
+    data_cfg: DataConfig,
+    train_cfg: TrainingConfig,
+    out: Path,
+    run_key: str,
+    method: Registration,
+) -> list[TrainResult]:
+    """Batch the data and run the plan's phases with the training core."""
+    tokenizer, headline = setup.loaded.tokenizer, data_cfg.eval_template
     batches = PairedBatches(
         tokenize_documents(tokenizer, setup.forget_docs, data_cfg.max_len),
         tokenize_documents(tokenizer, setup.retain_docs, data_cfg.max_len),
@@ -474,40 +392,58 @@ def run_unlearning(
         for kind, splits in setup.items.items()
         if kind in (headline, "items")
     }
-    result = train(
+    return train_plan(
         model,
-        method,
+        plan.phases,
         batches,
-        num_steps=train_cfg.num_steps,
         out_dir=out,
         optim=train_cfg.optim_settings(),
         lora=train_cfg.lora_settings(),
+        seed=train_cfg.seed,
+        desc=method.name,
         eval_fn=lambda m: evaluate(m, tokenizer, eval_items, headline),
         eval_every=train_cfg.eval_every,
         save_every=train_cfg.save_every,
-        seed=train_cfg.seed,
         on_nonfinite=train_cfg.on_nonfinite,
-        run_key=run_key["key"],
-        desc=name,
+        run_key=run_key,
     )
-    after = {
-        **evaluate(result.model, tokenizer, setup.items, headline),
-        **report(result.model, tokenizer, setup),
-    }
 
-    result.model.save_pretrained(out / "model")
+
+def _write_outputs(
+    out: Path,
+    name: str,
+    plan: Plan,
+    trained: list[TrainResult],
+    tokenizer: Any,
+    before: dict[str, float],
+    after: dict[str, float],
+) -> dict[str, Any]:
+    """model/, metrics.jsonl over every phase, training.png and results.json."""
+    model = trained[-1].model
+    model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    if len(plan.phases) > 1:
+        # One step axis over the phases: phase i's step s follows every earlier phase's steps.
+        offsets = [sum(p.num_steps for p in plan.phases[:i]) for i in range(len(plan.phases))]
+        history = [
+            {**record, "step": offset + record["step"], "phase": phase.name}
+            for phase, offset, result in zip(plan.phases, offsets, trained, strict=True)
+            for record in result.history
+        ]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    else:
+        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     plot_training(history, out / "training.png", title=name)
     results = {
         **after,
         **{f"{k}_before": v for k, v in before.items()},
-        "num_steps": train_cfg.num_steps,
-        "skipped_steps": result.skipped_steps,
-        "train_seconds": result.train_seconds,
+        "num_steps": sum(phase.num_steps for phase in plan.phases),
+        "num_phases": len(plan.phases),
+        "skipped_steps": sum(result.skipped_steps for result in trained),
+        "train_seconds": sum(result.train_seconds for result in trained),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    return results
+    return {**results, **plan.info}
 
 
 def summary_table(results: Mapping[str, float]) -> str:

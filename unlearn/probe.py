@@ -189,15 +189,7 @@ def train_probes(
     """
     n_layers = describe_model(model).n_layers
     layers = list(layers)
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if not layers or bad:
-        raise ValueError(
-            f"probe layers must be a non-empty subset of 0..{n_layers - 1}, got {layers}"
-        )
-    if len(batches) <= n_heldout:
-        raise ValueError(
-            f"need more than {n_heldout} batches (the held-out ones), got {len(batches)}"
-        )
+    _check_probe_layers(layers, n_layers, len(batches), n_heldout)
     d_model = model.config.hidden_size
     device = next(model.parameters()).device
     probes = {
@@ -207,20 +199,42 @@ def train_probes(
         for layer in layers
     }
     pairs = _read_pairs(teacher, model, batches, layers)
-    train_pairs, heldout_pairs = pairs[: len(pairs) - n_heldout], pairs[len(pairs) - n_heldout :]
-    train_masks = [b.attention_mask for b in batches[: len(pairs) - n_heldout]]
-    heldout_masks = [b.attention_mask for b in batches[len(pairs) - n_heldout :]]
+    n_train = len(pairs) - n_heldout
+    masks = [b.attention_mask for b in batches]
+    losses = _fit_probes(
+        probes, layers, pairs[:n_train], masks[:n_train], num_steps, lr, weight_decay
+    )
+    mse = _heldout_mse(probes, layers, pairs[n_train:], masks[n_train:])
+    return ProbeFit(probes, mse, losses)
 
+
+def _check_probe_layers(layers: list[int], n_layers: int, n_batches: int, n_heldout: int) -> None:
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if not layers or bad:
+        raise ValueError(
+            f"probe layers must be a non-empty subset of 0..{n_layers - 1}, got {layers}"
+        )
+    if n_batches <= n_heldout:
+        raise ValueError(f"need more than {n_heldout} batches (the held-out ones), got {n_batches}")
+
+
+def _fit_probes(
+    probes: dict[int, TransformerProbe],
+    layers: list[int],
+    pairs: list[tuple[Tensor, Tensor]],
+    masks: list[Tensor],
+    num_steps: int,
+    lr: float,
+    weight_decay: float,
+) -> list[float]:
+    """Train every probe with AdamW on the masked MSE, cycling over the batches; the losses."""
     params = [p for probe in probes.values() for p in probe.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     losses = []
     for probe in probes.values():
         probe.train()
     for i in tqdm(range(num_steps), desc="probes", dynamic_ncols=True):
-        (source, target), mask = (
-            train_pairs[i % len(train_pairs)],
-            train_masks[i % len(train_masks)],
-        )
+        (source, target), mask = pairs[i % len(pairs)], masks[i % len(masks)]
         loss = torch.stack(
             [
                 _masked_mse(probes[layer](source[j], mask), target[j], mask)
@@ -231,12 +245,21 @@ def train_probes(
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    return losses
 
+
+def _heldout_mse(
+    probes: dict[int, TransformerProbe],
+    layers: list[int],
+    pairs: list[tuple[Tensor, Tensor]],
+    masks: list[Tensor],
+) -> dict[str, dict[int, float]]:
+    """Freeze the probes (eval mode); mean MSE per layer of each probe and of the identity map."""
     errors: dict[str, dict[int, list[float]]] = {"probe": {}, "identity": {}}
     with torch.no_grad():
         for probe in probes.values():
             probe.eval().requires_grad_(False)
-        for (source, target), mask in zip(heldout_pairs, heldout_masks, strict=True):
+        for (source, target), mask in zip(pairs, masks, strict=True):
             for j, layer in enumerate(layers):
                 predicted = probes[layer](source[j], mask)
                 errors["probe"].setdefault(layer, []).append(
@@ -245,10 +268,9 @@ def train_probes(
                 errors["identity"].setdefault(layer, []).append(
                     float(_masked_mse(source[j], target[j], mask))
                 )
-    mse = {
+    return {
         kind: {layer: sum(v) / len(v) for layer, v in per.items()} for kind, per in errors.items()
     }
-    return ProbeFit(probes, mse, losses)
 
 
 def save_probes(probes: dict[int, TransformerProbe], path: str | os.PathLike[str]) -> Path:

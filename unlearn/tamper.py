@@ -194,7 +194,7 @@ def _optim(settings: AttackSettings) -> OptimSettings:
         warmup_steps=settings.warmup_steps,
         schedule=settings.schedule,
         grad_clip=settings.grad_clip,
-        dtype=settings.precision,
+        precision=settings.precision,
     )
 
 

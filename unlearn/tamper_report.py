@@ -185,7 +185,9 @@ def eval_items(setup: Setup, forget_split: str = "forget_test") -> dict[str, lis
     elif forget_split == "forget_dev":
         forget = setup.items[kind]["forget_dev"]
     else:
-        raise ValueError(f"forget_split must be 'forget_test' or 'forget_dev', got {forget_split!r}")
+        raise ValueError(
+            f"forget_split must be 'forget_test' or 'forget_dev', got {forget_split!r}"
+        )
     return {forget_split: forget, "retain": setup.items[kind]["retain"]}
 
 
@@ -274,24 +276,9 @@ def attack_report(
     finished = prepare_keyed(out, key, owned=ATTACK_OUTPUTS)
     control_curves: dict[str, list[dict[str, Any]]] = {}
     if controls and setup.world is not None:
-        control_curves[UNFILTERED] = control_records(
-            setup.world, "unfiltered", setup, settings, device, forget_split
+        control_curves = _control_curves(
+            setup, setup.world, settings, out, items, benign, weights, device, forget_split
         )
-        control_curves[FILTERED] = control_records(
-            setup.world, "filtered", setup, settings, device, forget_split
-        )
-        if benign and settings.data == "forget":
-            fresh = load_model(weights or setup.loaded.source, device=device)
-            control_curves[BENIGN], _ = attack(
-                fresh.hf_model.float(),
-                fresh.tokenizer,
-                setup.forget_docs,
-                items,
-                replace(settings, data="retain"),
-                out / "benign",
-                retain_docs=setup.retain_docs,
-                desc="control: benign",
-            )
     if finished:
         records = read_results(out / RESULTS_FILE)["records"]
     else:
@@ -318,6 +305,41 @@ def attack_report(
     )
     plot_results([out / RESULTS_FILE], out / PLOT_FILE)
     return read_results(out / RESULTS_FILE)
+
+
+def _control_curves(
+    setup: Setup,
+    world: ToyWorld,
+    settings: AttackSettings,
+    out: Path,
+    items: dict[str, list[dict[str, Any]]],
+    benign: bool,
+    weights: str | None,
+    device: str,
+    forget_split: str,
+) -> dict[str, list[dict[str, Any]]]:
+    """The control curves: the unfiltered and filtered models attacked the same way.
+
+    They are cached in the world. With `benign` on a forget-data attack, the attacked model's
+    benign fine-tune (retain text, into out/benign) is added.
+    """
+    curves = {
+        UNFILTERED: control_records(world, "unfiltered", setup, settings, device, forget_split),
+        FILTERED: control_records(world, "filtered", setup, settings, device, forget_split),
+    }
+    if benign and settings.data == "forget":
+        fresh = load_model(weights or setup.loaded.source, device=device)
+        curves[BENIGN], _ = attack(
+            fresh.hf_model.float(),
+            fresh.tokenizer,
+            setup.forget_docs,
+            items,
+            replace(settings, data="retain"),
+            out / "benign",
+            retain_docs=setup.retain_docs,
+            desc="control: benign",
+        )
+    return curves
 
 
 def plot_results(paths: list[str | Path], out_path: str | Path) -> Path:

@@ -34,10 +34,10 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from interventions import StepGraph
+from interventions.sites import resolve_site
+from unlearn.config import LoraSettings, NonFinitePolicy, OptimSettings
 from unlearn.data import PairedBatches
 from unlearn.methods.base import BASE, FORGET, RETAIN, TRAINABLE, Method, extra_models
 from unlearn.train_state import (
@@ -58,10 +60,6 @@ from unlearn.train_state import (
 
 METRICS_FILE = "metrics.jsonl"
 
-NonFinitePolicy = Literal["stop", "skip"]
-"""What a step with a NaN or infinite loss or gradient norm does: stop the run with the last
-finite state on disk, or skip the step (no update; counted as `skipped_steps`)."""
-
 LORA_TARGETS: dict[str, list[str]] = {
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -70,54 +68,6 @@ LORA_TARGETS: dict[str, list[str]] = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
 """Default LoRA targets per `config.model_type`: every linear layer of a block."""
-
-
-@dataclass(frozen=True)
-class OptimSettings:
-    """Optimizer and step settings."""
-
-    lr: float = 3e-4
-    """Peak learning rate."""
-    optimizer: Literal["adamw", "muon"] = "adamw"
-    """AdamW, or Muon on 2-D weight matrices with AdamW on the rest."""
-    weight_decay: float = 0.0
-    """Weight decay."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
-    warmup_steps: int = 10
-    """Linear warmup steps."""
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
-    """Learning rate after warmup: constant, or decaying to 0 at the last step (linear, cosine)."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 disables)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (per rank)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Autocast dtype of the forward passes (weights stay fp32)."""
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number (0 trains nothing), got {self.lr}")
-        if self.grad_accum < 1:
-            raise ValueError(
-                f"grad_accum must be >= 1 (micro-batches per step), got {self.grad_accum}"
-            )
-        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError(
-                "warmup_steps, grad_clip and weight_decay must be >= 0, got "
-                f"{self.warmup_steps}, {self.grad_clip}, {self.weight_decay}"
-            )
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA adapters instead of full fine-tuning."""
-
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] | None = None
-    """Module names; None means every linear layer of a block (`LORA_TARGETS`)."""
 
 
 @dataclass
@@ -132,6 +82,48 @@ class TrainResult:
     """Wall time of the run, summed over every segment of a resumed run."""
     skipped_steps: int = 0
     """Steps skipped for a non-finite loss or gradient norm (`on_nonfinite="skip"`)."""
+
+
+if TYPE_CHECKING:
+    from unlearn.methods.plan import Phase
+
+BLOCK_SITE = "blocks.{l}.hook_resid_post"
+"""A block's output site; its module path names the block's parameters."""
+
+
+def block_path(model: nn.Module, layer: int) -> str:
+    """Module path of block `layer` (e.g. "gpt_neox.layers.3"); any architecture of the table."""
+    return resolve_site(model, BLOCK_SITE.format(l=layer)).path
+
+
+def set_trainable_layers_(model: nn.Module, layers: Sequence[int]) -> list[str]:
+    """Freeze every parameter of `model` but those of the given blocks; return their names."""
+    prefixes = tuple(block_path(model, layer) + "." for layer in layers)
+    names = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(prefixes))
+        if param.requires_grad:
+            names.append(name)
+    return names
+
+
+def block_lora(model: nn.Module, lora: LoraSettings, layers: Sequence[int]) -> LoraSettings:
+    """LoRA settings whose targets are only the linear layers of the given blocks.
+
+    Raises:
+        ValueError: The model type has no default LoRA targets and none were given.
+    """
+    model_type = getattr(model.config, "model_type", "?")
+    targets = lora.target_modules or LORA_TARGETS.get(model_type)
+    if targets is None:
+        raise ValueError(f"no default LoRA targets for model_type {model_type!r}; pass some")
+    full = tuple(
+        f"{path}.{name}"
+        for path in (block_path(model, layer) for layer in layers)
+        for name, _ in model.get_submodule(path).named_modules()
+        if name.rpartition(".")[2] in targets
+    )
+    return replace(lora, target_modules=full)
 
 
 def distributed_context() -> tuple[int, int]:
@@ -316,6 +308,285 @@ def _check_arguments(
         )
 
 
+class _StepOutcome(NamedTuple):
+    """What one optimizer step gives the log."""
+
+    sums: dict[str, float]
+    """Each metric averaged over the micro-batches (and ranks) that ran."""
+    grad_norm: float
+    """Gradient norm before clipping (NaN when the loss was not finite)."""
+    is_finite: bool
+    """Whether the step updated the weights (False: skipped)."""
+
+
+@dataclass
+class _Run:
+    """One `train` call: its settings, models, optimizers and bookkeeping, for its helpers."""
+
+    method: Method
+    batches: PairedBatches
+    num_steps: int
+    optim: OptimSettings
+    seed: int
+    on_nonfinite: str
+    settings: dict[str, Any]
+    """What the saved state is keyed by (`_train_settings`)."""
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None
+    out: Path
+    rank: int
+    world_size: int
+    device: torch.device
+    trainable: nn.Module
+    """The model, or its LoRA wrapper."""
+    params: list[nn.Parameter]
+    optimizers: list[torch.optim.Optimizer]
+    step_fn: Callable
+    """The method's compiled step graph."""
+    saved: Progress
+    """The state this segment resumed from (step 0: a fresh start)."""
+    segment_start: float
+    """`time.perf_counter()` when this segment started."""
+    history: list[dict[str, Any]]
+    skipped: int
+    last_saved: int
+    """The step of the last state on disk (the resumed one until this segment saves)."""
+    elapsed: float
+    """Training seconds up to the last saved state, every segment together."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append a record to the history and to metrics.jsonl (rank 0 only calls this)."""
+        self.history.append(record)
+        with (self.out / METRICS_FILE).open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def evaluate(self, step: int) -> None:
+        """Log `eval_fn`'s numbers on rank 0, in eval mode without gradients."""
+        if self.eval_fn is None or self.rank != 0:
+            return
+        self.trainable.eval()
+        with torch.no_grad():
+            scores = self.eval_fn(self.trainable)
+        self.trainable.train()
+        self.log({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
+
+    def nonfinite(self, what: str, step: int) -> FloatingPointError:
+        """The error that stops the run, saying where the last finite state is."""
+        kept = (
+            f"the last good state (step {self.last_saved}) is in {self.out}, finite"
+            if self.last_saved
+            else "no state was saved yet"
+        )
+        return FloatingPointError(  # steps numbered as in metrics.jsonl (1 = the first)
+            f"{what} at step {step + 1}; {kept}. Lower the learning rate or the coefficients and "
+            "start over (a new output directory, or --overwrite true), or skip such steps "
+            "(on_nonfinite 'skip': --on_nonfinite skip)"
+        )
+
+    def accumulate_grads(self, step: int) -> tuple[dict[str, float], bool]:
+        """Run every micro-batch of this rank, backward each; (mean metrics, loss finite)."""
+        grad_accum, rank, world_size = self.optim.grad_accum, self.rank, self.world_size
+        sums: dict[str, float] = {}
+        step_is_finite = True
+        for micro in range(grad_accum):
+            # Seeded by the global micro-batch index, so random terms (random-target CE) draw the
+            # same numbers whether the global batch is split over ranks or micro-batches.
+            torch.manual_seed(self.seed + step * 10_007 + rank * grad_accum + micro)
+            forget, retain = self.batches.at(step, rank, world_size, micro, grad_accum)
+            loss, metrics = _micro_step(
+                self.step_fn,
+                self.method,
+                {FORGET: forget.to(self.device), RETAIN: retain.to(self.device)},
+                step / max(1, self.num_steps - 1),
+                self.optim.precision,
+                1.0 / grad_accum,
+                self.device,
+            )
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value / grad_accum
+            step_is_finite = math.isfinite(metrics["loss/total"])
+            if world_size > 1:  # every rank stops or skips together instead of hanging
+                flag = torch.tensor([0.0 if step_is_finite else 1.0], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                step_is_finite = flag.item() == 0.0
+            if not step_is_finite:
+                if self.on_nonfinite == "stop":
+                    raise self.nonfinite(f"loss is {metrics['loss/total']} ({metrics})", step)
+                break
+            torch.autograd.backward(loss)
+        return sums, step_is_finite
+
+    def average_across_ranks(self, sums: dict[str, float]) -> dict[str, float]:
+        """Average the gradients (in place) and the metrics over the ranks."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        packed = torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(packed, op=dist.ReduceOp.AVG)
+        return dict(zip(sums, packed.tolist(), strict=True))
+
+    def optimizer_step(self, step: int, lr: float) -> _StepOutcome:
+        """One optimizer step at learning rate `lr`: gradients, their norm, clip, update or skip."""
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+        sums, step_is_finite = self.accumulate_grads(step)
+        if self.world_size > 1 and step_is_finite:
+            sums = self.average_across_ranks(sums)
+        grad_norm = float("nan")
+        if step_is_finite:
+            # Measured before clipping: clipping a NaN norm would write NaN into every gradient.
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            grad_norm = float(norm)
+            step_is_finite = math.isfinite(grad_norm)
+            if not step_is_finite and self.on_nonfinite == "stop":
+                what = f"gradient norm is {grad_norm} (loss {sums['loss/total']})"
+                raise self.nonfinite(what, step)
+        if step_is_finite:
+            if self.optim.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.optim.grad_clip, norm)
+            for opt in self.optimizers:
+                opt.step()
+        else:
+            self.skipped += 1
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+        return _StepOutcome(sums, grad_norm, step_is_finite)
+
+    def save(self, done: int) -> None:
+        """Save the state after `done` steps (rank 0 writes it), or stop if it is not finite."""
+        # Checked on every rank (they hold the same weights), so all stop together.
+        if not is_finite(floating_tensors(self.params, self.optimizers)):
+            raise self.nonfinite("the weights or optimizer state became NaN or infinite", done - 1)
+        self.elapsed = self.saved.elapsed_seconds + time.perf_counter() - self.segment_start
+        if self.rank == 0:
+            progress = Progress(done, self.elapsed, self.skipped)
+            _save_state(self.out, self.trainable, self.optimizers, self.settings, progress)
+        self.last_saved = done
+
+
+def _start_run(
+    model: nn.Module,
+    method: Method,
+    batches: PairedBatches,
+    *,
+    out: Path,
+    num_steps: int,
+    optim: OptimSettings,
+    lora: LoraSettings | None,
+    seed: int,
+    on_nonfinite: str,
+    run_key: str | None,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None,
+    ranks: tuple[int, int],
+) -> _Run:
+    """Copy the base, add LoRA, build the optimizers and the step graph, load a saved state.
+
+    `ranks`: (rank, world size), from `distributed_context`.
+    """
+    rank, world_size = ranks
+    device = next(model.parameters()).device
+    settings = _train_settings(method, batches, num_steps, optim, lora, seed, on_nonfinite, run_key)
+    # The frozen original costs a model's memory: copied only for methods that read it.
+    base = copy.deepcopy(model).eval().requires_grad_(False) if _uses_base(method) else None
+    if lora is not None:
+        torch.manual_seed(seed)  # LoRA's random init: the same on every rank and every rerun
+    trainable = add_lora(model, lora) if lora is not None else model
+    trainable.train()
+    params = list(_trainable(trainable).values())
+    optimizers = make_optimizer(params, optim)
+    models = {TRAINABLE: trainable, **({BASE: base} if base is not None else {})}
+    models.update(extra_models(method))
+    step_fn = StepGraph(list(method.nodes)).compile(models)
+    saved = (
+        load_state(out, _trainable(trainable), optimizers, settings)
+        if (out / STATE_FILE).exists()
+        else Progress()
+    )
+    segment_start = time.perf_counter()
+    history = _rewind_metrics(out / METRICS_FILE, saved.step) if rank == 0 else []
+    return _Run(
+        method=method,
+        batches=batches,
+        num_steps=num_steps,
+        optim=optim,
+        seed=seed,
+        on_nonfinite=on_nonfinite,
+        settings=settings,
+        eval_fn=eval_fn,
+        out=out,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        trainable=trainable,
+        params=params,
+        optimizers=optimizers,
+        step_fn=step_fn,
+        saved=saved,
+        segment_start=segment_start,
+        history=history,
+        skipped=saved.skipped_steps,
+        last_saved=saved.step,
+        elapsed=saved.elapsed_seconds,
+    )
+
+
+def _run_steps(
+    run: _Run,
+    desc: str,
+    log_every: int,
+    eval_every: int,
+    eval_steps: Collection[int],
+    save_every: int,
+) -> None:
+    """Train from the resumed step to the last; after each step log, evaluate, save, in order."""
+    start, num_steps = run.saved.step, run.num_steps
+    progress = tqdm(
+        range(start, num_steps),
+        desc=desc,
+        initial=start,
+        total=num_steps,
+        disable=run.rank != 0,
+        dynamic_ncols=True,
+    )
+    for step in progress:
+        lr = learning_rate(run.optim, step, num_steps)
+        outcome = run.optimizer_step(step, lr)
+        done = step + 1
+        if run.rank == 0 and (done % log_every == 0 or done == num_steps or not outcome.is_finite):
+            extra = {"skipped_steps": run.skipped} if run.skipped else {}
+            run.log(
+                {"step": done, "lr": lr, "grad_norm": outcome.grad_norm, **outcome.sums, **extra}
+            )
+            progress.set_postfix(loss=f"{outcome.sums['loss/total']:.3f}")
+        if done == num_steps or (eval_every and done % eval_every == 0) or done in eval_steps:
+            run.evaluate(done)  # before saving: a run killed in between redoes this evaluation
+        if done % save_every == 0 or done == num_steps:
+            run.save(done)
+        if run.world_size > 1:
+            dist.barrier()
+    progress.close()
+
+
+def _finish(run: _Run, lora: LoraSettings | None) -> TrainResult:
+    """Warn about skipped steps; merge LoRA; the result with the time up to the final state."""
+    if run.skipped:
+        warnings.warn(
+            f"{run.skipped} of {run.num_steps} steps were skipped for a NaN or infinite loss or "
+            f"gradient norm ({run.out / METRICS_FILE} marks them with skipped_steps)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    run.trainable.eval()
+    merged = run.trainable.merge_and_unload() if lora is not None else run.trainable
+    # The time up to the final state, as saved: a rerun of a finished run reports the same.
+    return TrainResult(
+        model=merged, history=run.history, train_seconds=run.elapsed, skipped_steps=run.skipped
+    )
+
+
 def train(
     model: nn.Module,
     method: Method,
@@ -365,164 +636,87 @@ def train(
         RunMismatchError: `out_dir` holds the state of a run with other settings or `run_key`.
     """
     rank, world_size = distributed_context()
+    n_micro = world_size * optim.grad_accum
     _check_arguments(
-        num_steps,
-        save_every,
-        log_every,
-        eval_every,
-        on_nonfinite,
-        batches.batch_size,
-        world_size * optim.grad_accum,
+        num_steps, save_every, log_every, eval_every, on_nonfinite, batches.batch_size, n_micro
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
-    settings = _train_settings(method, batches, num_steps, optim, lora, seed, on_nonfinite, run_key)
-
-    # The frozen original costs a model's memory: copied only for methods that read it.
-    base = copy.deepcopy(model).eval().requires_grad_(False) if _uses_base(method) else None
-    if lora is not None:
-        torch.manual_seed(seed)  # LoRA's random init: the same on every rank and every rerun
-    trainable = add_lora(model, lora) if lora is not None else model
-    trainable.train()
-    params = list(_trainable(trainable).values())
-    optimizers = make_optimizer(params, optim)
-    models = {TRAINABLE: trainable, **({BASE: base} if base is not None else {})}
-    models.update(extra_models(method))
-    step_fn = StepGraph(list(method.nodes)).compile(models)
-
-    saved = (
-        load_state(out, _trainable(trainable), optimizers, settings)
-        if (out / STATE_FILE).exists()
-        else Progress()
+    run = _start_run(
+        model,
+        method,
+        batches,
+        out=out,
+        num_steps=num_steps,
+        optim=optim,
+        lora=lora,
+        seed=seed,
+        on_nonfinite=on_nonfinite,
+        run_key=run_key,
+        eval_fn=eval_fn,
+        ranks=(rank, world_size),
     )
-    start, skipped = saved.step, saved.skipped_steps
-    segment_start, elapsed = time.perf_counter(), saved.elapsed_seconds
-    history = _rewind_metrics(out / METRICS_FILE, start) if rank == 0 else []
+    if run.saved.step == 0:
+        run.evaluate(0)
+    _run_steps(run, desc, log_every, eval_every, eval_steps, save_every)
+    return _finish(run, lora)
 
-    def log(record: dict[str, Any]) -> None:
-        history.append(record)
-        with (out / METRICS_FILE).open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
 
-    def evaluate(step: int) -> None:
-        if eval_fn is None or rank != 0:
-            return
-        trainable.eval()
-        with torch.no_grad():
-            scores = eval_fn(trainable)
-        trainable.train()
-        log({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
+def train_plan(
+    model: nn.Module,
+    phases: Sequence[Phase],
+    batches: PairedBatches,
+    *,
+    out_dir: str | os.PathLike[str],
+    optim: OptimSettings = OptimSettings(),
+    lora: LoraSettings | None = None,
+    seed: int = 0,
+    desc: str = "unlearn",
+    **train_kwargs: Any,
+) -> list[TrainResult]:
+    """Run a method's phases (`unlearn.methods.plan`) in order, each one `train` call.
 
-    def nonfinite(what: str, step: int) -> FloatingPointError:
-        kept = (
-            f"the last good state (step {last_saved}) is in {out}, finite"
-            if last_saved
-            else "no state was saved yet"
+    A phase with `blocks` trains only those blocks (full fine-tuning, or LoRA adapters on their
+    linear layers); one without trains what `train` trains. Each phase keeps its state in
+    `out_dir/<phase.name>` with its own schedule (warmup and ramps restart), so a rerun passes
+    through finished phases (`train` only reloads their weights) and resumes the interrupted one.
+
+    Args:
+        model: A Hugging Face causal LM (fp32 weights), changed in place; the original on every
+            call, resumed or not (the phases' saved weights are applied to it).
+        phases: The phases.
+        batches: Paired forget/retain batches, used by every phase.
+        out_dir: Root of the phases' output directories.
+        optim: Optimizer settings of every phase.
+        lora: LoRA adapters instead of full fine-tuning (merged at the end of each phase).
+        seed: The run's seed; a phase trains with seed + its `seed_offset`.
+        desc: Progress-bar label.
+        **train_kwargs: Further arguments of `train` (eval_fn, eval_every, save_every,
+            on_nonfinite, run_key, ...).
+
+    Returns:
+        Each phase's `TrainResult`; the last one's model is the unlearned model.
+    """
+    results = []
+    for phase in phases:
+        phase_lora = lora
+        if phase.blocks is not None:
+            set_trainable_layers_(model, [] if lora is not None else phase.blocks)
+            phase_lora = block_lora(model, lora, phase.blocks) if lora is not None else None
+        result = train(
+            model,
+            phase.method,
+            batches,
+            num_steps=phase.num_steps,
+            out_dir=Path(out_dir) / phase.name,
+            optim=optim,
+            lora=phase_lora,
+            seed=seed + phase.seed_offset,
+            desc=f"{desc} {phase.name}".strip(),
+            **train_kwargs,
         )
-        return FloatingPointError(  # steps numbered as in metrics.jsonl (1 = the first)
-            f"{what} at step {step + 1}; {kept}. Lower the learning rate or the coefficients and "
-            "start over (a new output directory, or --overwrite true), or skip such steps "
-            "(on_nonfinite 'skip': --on_nonfinite skip)"
-        )
-
-    if start == 0:
-        evaluate(0)
-    progress = tqdm(
-        range(start, num_steps),
-        desc=desc,
-        initial=start,
-        total=num_steps,
-        disable=rank != 0,
-        dynamic_ncols=True,
-    )
-    last_saved = start
-    for step in progress:
-        lr = learning_rate(optim, step, num_steps)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        step_is_finite = True
-        for micro in range(optim.grad_accum):
-            # Seeded by the global micro-batch index, so random terms (random-target CE) draw the
-            # same numbers whether the global batch is split over ranks or micro-batches.
-            torch.manual_seed(seed + step * 10_007 + rank * optim.grad_accum + micro)
-            forget, retain = batches.at(step, rank, world_size, micro, optim.grad_accum)
-            loss, metrics = _micro_step(
-                step_fn,
-                method,
-                {FORGET: forget.to(device), RETAIN: retain.to(device)},
-                step / max(1, num_steps - 1),
-                optim.dtype,
-                1.0 / optim.grad_accum,
-                device,
-            )
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value / optim.grad_accum
-            step_is_finite = math.isfinite(metrics["loss/total"])
-            if world_size > 1:  # every rank stops or skips together instead of hanging
-                flag = torch.tensor([0.0 if step_is_finite else 1.0], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                step_is_finite = flag.item() == 0.0
-            if not step_is_finite:
-                if on_nonfinite == "stop":
-                    raise nonfinite(f"loss is {metrics['loss/total']} ({metrics})", step)
-                break
-            torch.autograd.backward(loss)
-        if world_size > 1 and step_is_finite:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-            packed = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
-            dist.all_reduce(packed, op=dist.ReduceOp.AVG)
-            sums = dict(zip(sums, packed.tolist(), strict=True))
-        grad_norm = float("nan")
-        if step_is_finite:
-            # Measured before clipping: clipping a NaN norm would write NaN into every gradient.
-            grads = [p.grad for p in params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-            grad_norm = float(norm)
-            step_is_finite = math.isfinite(grad_norm)
-            if not step_is_finite and on_nonfinite == "stop":
-                raise nonfinite(f"gradient norm is {grad_norm} (loss {sums['loss/total']})", step)
-        if step_is_finite:
-            if optim.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, optim.grad_clip, norm)
-            for opt in optimizers:
-                opt.step()
-        else:
-            skipped += 1
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-        done = step + 1
-        if rank == 0 and (done % log_every == 0 or done == num_steps or not step_is_finite):
-            extra = {"skipped_steps": skipped} if skipped else {}
-            log({"step": done, "lr": lr, "grad_norm": grad_norm, **sums, **extra})
-            progress.set_postfix(loss=f"{sums['loss/total']:.3f}")
-        if done == num_steps or (eval_every and done % eval_every == 0) or done in eval_steps:
-            evaluate(done)  # before saving: a run killed in between redoes this evaluation
-        if done % save_every == 0 or done == num_steps:
-            # Checked on every rank (they hold the same weights), so all stop together.
-            if not is_finite(floating_tensors(params, optimizers)):
-                raise nonfinite("the weights or optimizer state became NaN or infinite", step)
-            elapsed = saved.elapsed_seconds + time.perf_counter() - segment_start
-            if rank == 0:
-                _save_state(out, trainable, optimizers, settings, Progress(done, elapsed, skipped))
-            last_saved = done
-        if world_size > 1:
-            dist.barrier()
-    progress.close()
-    if skipped:
-        warnings.warn(
-            f"{skipped} of {num_steps} steps were skipped for a NaN or infinite loss or gradient "
-            f"norm ({out / METRICS_FILE} marks them with skipped_steps)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    trainable.eval()
-    merged = trainable.merge_and_unload() if lora is not None else trainable
-    # The time up to the final state, as saved: a rerun of a finished run reports the same.
-    return TrainResult(model=merged, history=history, train_seconds=elapsed, skipped_steps=skipped)
+        model = result.model
+        results.append(result)
+    if any(phase.blocks is not None for phase in phases):
+        model.requires_grad_(False)
+    return results

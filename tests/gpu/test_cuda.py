@@ -10,7 +10,6 @@ autocast in bfloat16, the Triton orthogonality kernel and the tamper attack.
 """
 
 import copy
-import inspect
 import json
 import math
 
@@ -26,10 +25,9 @@ from recipes import (
     rewritten_transfer,
     sequential,
 )
-from tests.unlearn.test_devices import CASES, _losses, _pairs
+from tests.unlearn.test_devices import CASES, _losses, _train
 from tests.unlearn.test_methods import _config
-from unlearn.methods import METHODS
-from unlearn.training import METRICS_FILE, LoraSettings, OptimSettings, train
+from unlearn.training import METRICS_FILE, LoraSettings, OptimSettings
 
 pytestmark = pytest.mark.gpu
 
@@ -40,27 +38,21 @@ TINY = "--world_preset tiny --num_steps 3 --batch_size 4 --device cuda"
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_method_trains_on_cuda(case, use_lora, dtype, tiny_lm, tmp_path):
-    """Three steps per method on CUDA; in float32 the losses match a CPU run (random-target
-    cross-entropy draws the same targets on every device; the circuit breakers' jitter is drawn
-    by each device's own generator, so only its first step is compared)."""
+    """Three steps per phase of each method on CUDA (built by `build` with the model on CUDA); in
+    float32 the losses match a CPU run (random-target cross-entropy draws the same targets on
+    every device; the circuit breakers' jitter is drawn by each device's own generator, so only
+    its first step is compared)."""
     model, tokenizer = tiny_lm
     name = case.split("-")[0]
     cfg = _config(name, CASES[case], tmp_path, model, tokenizer)
-    optim = OptimSettings(lr=1e-3, warmup_steps=1, dtype=dtype)
+    optim = OptimSettings(lr=1e-3, warmup_steps=1, precision=dtype)
     kwargs = dict(num_steps=3, optim=optim, lora=LoraSettings(rank=4) if use_lora else None)
-    takes_device = "device" in inspect.signature(METHODS[name][1]).parameters
-    method = METHODS[name][1](cfg, 2, **({"device": "cuda"} if takes_device else {}))
-    result = train(
-        copy.deepcopy(model).cuda(), method, _pairs(tokenizer), out_dir=tmp_path / "gpu", **kwargs
-    )
-    assert all(p.is_cuda for p in result.model.parameters())
+    results = _train(name, cfg, copy.deepcopy(model).cuda(), tokenizer, tmp_path / "gpu", **kwargs)
+    assert all(p.is_cuda for p in results[-1].model.parameters())
     gpu = _losses(tmp_path / "gpu")
     assert all(math.isfinite(v) for v in gpu.values())
     if dtype == "float32":
-        cpu_method = METHODS[name][1](cfg, 2)
-        train(
-            copy.deepcopy(model), cpu_method, _pairs(tokenizer), out_dir=tmp_path / "cpu", **kwargs
-        )
+        _train(name, cfg, copy.deepcopy(model), tokenizer, tmp_path / "cpu", **kwargs)
         cpu = _losses(tmp_path / "cpu")
         keys = [k for k in cpu if name != "circuit_breakers" or k.startswith("1/")]
         for key in keys:

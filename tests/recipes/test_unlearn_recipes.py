@@ -5,13 +5,22 @@ import pytest
 from simple_parsing import parse
 
 from benchmarks.checkpoint_curve import checkpoint_curve
-from recipes import checkpoint_transfer, circuit_breakers, lens_unlearn, probe_unlearn, tuned_lens
+from recipes import (
+    checkpoint_transfer,
+    circuit_breakers,
+    lens_unlearn,
+    probe_unlearn,
+    rewritten_transfer,
+    sequential,
+    tuned_lens,
+)
 from tests.conftest import absolute_path_strings
+from unlearn.checkpoints import CheckpointScore, select_checkpoint
 from unlearn.eval import evaluate_mc, reporting
+from unlearn.methods import REGISTRY
 from unlearn.models import list_checkpoints, load_model
 from unlearn.provenance import resolve_path
 from unlearn.toyworld import get_preset
-from unlearn.transfer import CheckpointScore, select_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UNLEARN_LR = "0.1"
@@ -77,8 +86,9 @@ def _assert_teacher_chosen_by_margin(out, world, curve, margin, results):
     assert 0 < len(eligible) < len(sweep["scores"]), "the margin should reject some checkpoints"
     assert sweep["chosen"] == eligible[-1]["revision"] != checkpoints[-1]
     assert results["teacher_forget_acc"] == eligible[-1]["forget_acc"]
+    assert results["selected_teacher"] == sweep["chosen"]
     info = json.loads((out / "run_info.json").read_text())
-    assert info["config"]["margin"] == margin
+    assert info["config"]["method"]["margin"] == margin
     assert info["config"]["selected_teacher"] == sweep["chosen"]
 
 
@@ -191,7 +201,10 @@ UNLEARNING_RECIPES = {
     "circuit_breakers": circuit_breakers,
     "checkpoint_transfer": checkpoint_transfer,
     "probe_unlearn": probe_unlearn,
+    "sequential": sequential,
+    "rewritten_transfer": rewritten_transfer,
 }
+"""The preset recipe of every registered method."""
 PRESETS = sorted((Path(__file__).parents[2] / "recipes" / "configs").glob("*.yaml"))
 
 
@@ -208,6 +221,12 @@ def test_every_yaml_preset_parses(preset, recipe):
     cfg = parse(recipe.Config, args=["--config_path", str(preset)], add_config_path_arg=True)
     assert cfg.training.num_steps >= 1
     assert len(PRESETS) >= 2
+
+
+def test_every_registered_method_has_a_preset_recipe():
+    assert set(UNLEARNING_RECIPES) == set(REGISTRY)
+    for name, recipe in UNLEARNING_RECIPES.items():
+        assert recipe.Config.method_name == name
 
 
 def test_checkpoint_transfer_recipe_selects_a_teacher_fits_maps_and_unlearns(
@@ -253,7 +272,7 @@ def test_checkpoint_transfer_recipe_selects_a_teacher_fits_maps_and_unlearns(
 
 def test_checkpoint_transfer_recipe_with_svcca_maps(tiny_home, tmp_path):
     """--map_kind svcca saves SVCCA maps and reports them next to the ridge and identity maps."""
-    from unlearn.transfer import load_maps
+    from unlearn.maps import load_maps
 
     out = tmp_path / "ct"
     flags = "--world_preset tiny --num_steps 1 --batch_size 4 --margin 1.0 --map_docs 40"
@@ -269,7 +288,7 @@ def test_checkpoint_transfer_recipe_with_svcca_maps(tiny_home, tmp_path):
         assert len(layer["correlations"]) == min(layer["dims_teacher"], layer["dims_model"])
         assert 0.0 <= min(layer["correlations"]) <= max(layer["correlations"]) <= 1.0 + 1e-9
     with pytest.raises(ValueError, match=r"svcca_variance must be in \(0, 1\]"):
-        checkpoint_transfer.Config(svcca_variance=0.0)
+        parse(checkpoint_transfer.Config, args=["--svcca_variance", "0.0"])
 
 
 def test_checkpoint_transfer_without_a_near_chance_checkpoint_is_a_clear_error(tiny_home, tmp_path):
@@ -298,8 +317,9 @@ def test_probe_unlearn_recipe_selects_a_teacher_trains_probes_and_unlearns(
     # Layer stride 2 from the last of the tiny model's 2 blocks: block 1 only, depth 2 - 1 = 1.
     assert set(meta["probes"]) == set(mse["probe"]) == set(mse["identity"]) == {"1"}
     assert meta["probes"]["1"]["depth"] == 1
+    chosen = ("selected_teacher", "teacher_forget_acc")  # returned, not in results.json
     assert json.loads((out / "results.json").read_text()) == pytest.approx(
-        {k: v for k, v in results.items() if k != "teacher_forget_acc"}
+        {k: v for k, v in results.items() if k not in chosen}
     )
     _assert_results_describe_the_saved_model(out, tiny_home, results)
 
@@ -309,8 +329,14 @@ def test_probe_unlearn_recipe_selects_a_teacher_trains_probes_and_unlearns(
     probe_unlearn.main(parse(probe_unlearn.Config, args=args))
     assert not (again / "teacher_sweep").exists() and not (again / "probes").exists()
     assert (again / "results.json").exists()
+    # Too few probe documents for two batches: refused before any probe trains (the check needs
+    # the data's batch size, so it runs when the method prepares, not when the config parses).
+    first = list_checkpoints(tiny_home.model_dir("unfiltered"))[0]
+    flags = f"--world_preset tiny --batch_size 4 --probe_docs 4 --teacher_revision {first}"
+    args = ["--out", str(tmp_path / "few"), *flags.split()]
     with pytest.raises(ValueError, match="--probe_docs"):
-        probe_unlearn.Config(probe_docs=8)
+        probe_unlearn.main(parse(probe_unlearn.Config, args=args))
+    assert not (tmp_path / "few" / "probes").exists()
 
 
 @pytest.mark.parametrize("recipe", [checkpoint_transfer, probe_unlearn], ids=lambda r: r.__name__)
@@ -326,7 +352,7 @@ def test_default_margin_picks_the_stage_boundary_on_the_default_world(recipe):
         "(python -m recipes.toyworld), rerun python -m benchmarks.checkpoint_curve and commit it"
     )
     assert curve["checkpoints"][-1]["revision"] == f"step{default.num_steps}"  # the final model
-    cfg = recipe.Config()
+    cfg = recipe.Config().method
     swept = _sweep_curve(curve)
     chosen = select_checkpoint(swept, cfg.chance, cfg.margin)
     assert chosen.revision == f"step{default.stage1_steps}" == "step400"

@@ -4,16 +4,10 @@ import pytest
 import torch
 
 from tests.conftest import TINY_TEXTS
+from unlearn.checkpoints import CheckpointScore, select_checkpoint, sweep_checkpoints, write_sweep
 from unlearn.data import tokenize_documents
+from unlearn.maps import AffineStats, fit_affine_maps
 from unlearn.models import list_checkpoints
-from unlearn.transfer import (
-    AffineStats,
-    CheckpointScore,
-    fit_affine_maps,
-    select_checkpoint,
-    sweep_checkpoints,
-    write_sweep,
-)
 
 
 def test_select_latest_checkpoint_near_chance():
@@ -119,10 +113,10 @@ def test_checkpoint_transfer_forget_term_is_masked_mse_to_the_mapped_teacher(tin
     import copy
 
     from interventions import StepGraph
+    from unlearn.maps import AffineMap, save_maps
     from unlearn.methods import BASE, FORGET, RETAIN, TRAINABLE, CheckpointTransfer
     from unlearn.methods import CheckpointTransferConfig as Config
     from unlearn.methods.base import extra_models
-    from unlearn.transfer import AffineMap, save_maps
 
     model, tokenizer = tiny_lm
     teacher = copy.deepcopy(model)

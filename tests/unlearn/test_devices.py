@@ -12,27 +12,35 @@ import torch
 
 from tests.conftest import TINY_TEXTS
 from tests.other_device import is_on_device, other_device
-from tests.unlearn.test_methods import MAPS, PROBES, TEACHER, TUNED_LENS, _config
+from tests.unlearn.test_methods import MAPS, PROBES, REWRITTEN, TEACHER, TUNED_LENS, _config
+from unlearn.config import DataConfig, TrainingConfig
 from unlearn.data import PairedBatches, tokenize_documents
 from unlearn.lens import TunedLens, lens_kl, train_tuned_lens
 from unlearn.losses import random_target_ce_loss
-from unlearn.methods import METHODS
+from unlearn.maps import AffineMap, load_maps, save_maps
+from unlearn.methods import REGISTRY, Context, registration
 from unlearn.tamper import AttackSettings, attack
-from unlearn.training import METRICS_FILE, LoraSettings, train
-from unlearn.transfer import AffineMap, load_maps, save_maps
+from unlearn.training import METRICS_FILE, LoraSettings, TrainResult, train_plan
 
 CASES = {
     "lens_unlearn": {},  # random-target cross-entropy through the logit lens
     "lens_unlearn-tuned": {"lens_path": TUNED_LENS},
     "circuit_breakers": {},
-    "checkpoint_transfer": {"teacher": TEACHER, "maps_path": MAPS},
+    "checkpoint_transfer": {"teacher": TEACHER, "teacher_revision": "step1", "maps_path": MAPS},
     "probe_unlearn": {"probe_path": PROBES},
+    "sequential": {},  # one phase per block, routed into a copy of the model on its device
+    "rewritten_transfer": {"rewritten_data": REWRITTEN},  # targets computed on the model's device
 }
-"""Every registered method, with the files (lens, maps, probes, teacher) it loads from disk."""
+"""Every registered method, with the files (lens, maps, probes, teacher, rewritten twins) it loads
+from disk."""
+
+FORGET_DOCS = [{"text": text[: 8 * (i + 1)]} for i, text in enumerate(TINY_TEXTS)]
+RETAIN_DOCS = [{"text": text[: 6 * (4 - i)]} for i, text in enumerate(TINY_TEXTS)]
+MAX_LEN = 24
 
 
 def test_every_registered_method_has_a_device_case():
-    assert {name.split("-")[0] for name in CASES} == set(METHODS)
+    assert {name.split("-")[0] for name in CASES} == set(REGISTRY)
 
 
 def test_the_second_device_fails_where_cuda_fails():
@@ -46,30 +54,58 @@ def test_the_second_device_fails_where_cuda_fails():
         with pytest.raises(RuntimeError, match="generator"):
             torch.randint(5, (3,), generator=torch.default_generator, device=x.device)
         assert torch.equal((x * 2 + torch.tensor(1.0)).cpu(), torch.full((3, 4), 3.0))
+        assert torch.arange(3).to(device).tolist() == [0, 1, 2]  # a copy to the host, as on CUDA
         assert is_on_device(torch.zeros(2, device=x.device)) and not is_on_device(x.cpu())
 
 
 def _pairs(tokenizer):
-    forget_docs = [{"text": text[: 8 * (i + 1)]} for i, text in enumerate(TINY_TEXTS)]
-    retain_docs = [{"text": text[: 6 * (4 - i)]} for i, text in enumerate(TINY_TEXTS)]
-    forget = tokenize_documents(tokenizer, forget_docs, max_len=24)
-    retain = tokenize_documents(tokenizer, retain_docs, max_len=24)
+    forget = tokenize_documents(tokenizer, FORGET_DOCS, max_len=MAX_LEN)
+    retain = tokenize_documents(tokenizer, RETAIN_DOCS, max_len=MAX_LEN)
     return PairedBatches(forget, retain, batch_size=4)
 
 
+def _train(name, cfg, model, tokenizer, out_dir, num_steps, **kwargs) -> list[TrainResult]:
+    """Build the method as a run builds it (`build` reads the model, on its device) and train its
+    phases with the training core: a phase of `num_steps` steps per phase of the plan."""
+    device = next(model.parameters()).device
+    context = Context(
+        model=model,
+        tokenizer=tokenizer,
+        source="tiny",
+        forget_docs=FORGET_DOCS,
+        retain_docs=RETAIN_DOCS,
+        items={},
+        data=DataConfig(max_len=MAX_LEN, batch_size=4),
+        training=TrainingConfig(num_steps=num_steps),
+        device=str(device),
+        out_dir=out_dir,
+    )
+    plan = registration(name).build(cfg, context)
+    return train_plan(model, plan.phases, _pairs(tokenizer), out_dir=out_dir, **kwargs)
+
+
 def _losses(out_dir) -> dict[str, float]:
-    """Every logged loss of a run, keyed "<step>/<name>"."""
-    records = [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines()]
-    return {f"{r['step']}/{k}": v for r in records for k, v in r.items() if k.startswith("loss/")}
+    """Every logged loss of a run, keyed "<step>/<name>" ("<phase>/<step>/<name>" for the phases
+    of a multi-phase plan, each in its own sub-directory)."""
+    losses = {}
+    for path in sorted(out_dir.rglob(METRICS_FILE)):
+        phase = path.parent.relative_to(out_dir).as_posix()
+        prefix = "" if phase == "." else f"{phase}/"
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            for key, value in record.items():
+                if key.startswith("loss/"):
+                    losses[f"{prefix}{record['step']}/{key}"] = value
+    return losses
 
 
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_one_training_step_on_another_device_matches_the_cpu(case, use_lora, tiny_lm, tmp_path):
-    """Two steps of `train` per method, model on the second device, method built as recipes build
-    it (files loaded from disk to the CPU; the teacher loaded to the model's device): the logged
-    losses equal a CPU run's (random targets are drawn the same on every device) and the weights
-    stay on the device."""
+    """Two steps of every phase per method, model on the second device, method built as recipes
+    build it (`build` with the model's device: files loaded from disk, the teacher loaded to the
+    model's device, targets computed there): the logged losses equal a CPU run's (random targets
+    are drawn the same on every device) and the weights stay on the device."""
     model, tokenizer = tiny_lm
     name = case.split("-")[0]
     torch.manual_seed(1)
@@ -77,14 +113,11 @@ def test_one_training_step_on_another_device_matches_the_cpu(case, use_lora, tin
     lora = LoraSettings(rank=4) if use_lora else None
     kwargs = dict(num_steps=2, optim=dict_optim(), lora=lora, seed=3)
 
-    cpu_method = METHODS[name][1](cfg, 2)
-    train(copy.deepcopy(model), cpu_method, _pairs(tokenizer), out_dir=tmp_path / "cpu", **kwargs)
+    _train(name, cfg, copy.deepcopy(model), tokenizer, tmp_path / "cpu", **kwargs)
     with other_device() as device:
         on_device = copy.deepcopy(model).to(device)
-        extra = {"device": device} if name == "checkpoint_transfer" else {}
-        method = METHODS[name][1](cfg, 2, **extra)
-        result = train(on_device, method, _pairs(tokenizer), out_dir=tmp_path / "dev", **kwargs)
-        assert all(is_on_device(p) for p in result.model.parameters())
+        results = _train(name, cfg, on_device, tokenizer, tmp_path / "dev", **kwargs)
+        assert all(is_on_device(p) for p in results[-1].model.parameters())
     cpu, dev = _losses(tmp_path / "cpu"), _losses(tmp_path / "dev")
     assert dev.keys() == cpu.keys() and len(cpu) >= 4
     for key in cpu:
@@ -180,8 +213,9 @@ def test_the_main_command_runs_on_the_device(tiny_home, tmp_path):
 
 @pytest.mark.parametrize("name", ["sequential", "rewritten_transfer", "probe_unlearn"])
 def test_the_other_unlearning_recipes_run_on_the_device(name, tiny_home, tmp_path):
-    """The recipes whose methods are not plain registry entries (back-to-front phases, precomputed
-    rewritten targets) and probe unlearning's probe training, end to end on the second device."""
+    """The recipes whose preparation does the most (back-to-front phases, precomputed rewritten
+    targets, probe unlearning's teacher sweep and probe training), end to end on the second
+    device."""
     import importlib
 
     from simple_parsing import parse

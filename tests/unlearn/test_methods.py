@@ -1,5 +1,9 @@
-"""Contract suite for `unlearn.methods`: every entry of `METHODS` x the tiny random GPT-NeoX (full
+"""Contract suite for `unlearn.methods`: every registered method x the tiny random GPT-NeoX (full
 fine-tuning and peft LoRA), plus the registry, `Ramp` schedules and `stack`.
+
+Each method is built the way a run builds it: `REGISTRY[name].build(cfg, context)` on the tiny
+model and documents; the contract runs on the first phase of the returned plan (for sequential
+unlearning, the last block's).
 
 The contract (STYLE.md section 5): the weighted loss is a finite scalar; gradients land only on
 trainable parameters (never on the frozen base copy, only on lora_* parameters under LoRA); a
@@ -12,6 +16,7 @@ LoRA-wrapped) and "base" (a deep copy), compiled through `interventions.StepGrap
 
 import copy
 import dataclasses
+import json
 import math
 
 import pytest
@@ -20,25 +25,33 @@ import torch
 
 from interventions import StepGraph
 from tests.conftest import TINY_TEXTS
+from unlearn.config import DataConfig, TrainingConfig
 from unlearn.data import PairedBatches, tokenize_documents
 from unlearn.lens import TunedLens
+from unlearn.maps import AffineMap, save_maps
 from unlearn.methods import (
     BASE,
     FORGET,
-    METHODS,
     RAMPS,
+    REGISTRY,
     RETAIN,
     TRAINABLE,
+    CircuitBreakers,
+    CircuitBreakersConfig,
+    Context,
+    LensUnlearn,
+    LensUnlearnConfig,
     Ramp,
     Stacked,
     Term,
+    register,
+    registration,
     stack,
 )
 from unlearn.methods.base import extra_models
 from unlearn.methods.retain import retain_component
 from unlearn.probe import TransformerProbe, probe_depth, save_probes
 from unlearn.training import LoraSettings, add_lora
-from unlearn.transfer import AffineMap, save_maps
 
 N_LAYERS = 2
 
@@ -53,6 +66,11 @@ MAPS = "<maps>"
 PROBES = "<probes>"
 """Placeholder for `probe_path`, replaced by random small transformer probes (every layer) saved
 into tmp_path."""
+REWRITTEN = "<rewritten>"
+"""Placeholder for `rewritten_data`, replaced by rewritten twins of the forget documents (every
+other word reversed) saved into tmp_path."""
+TEACHER_FIXED = {"teacher": TEACHER, "teacher_revision": "step1", "map_kind": "identity"}
+"""Checkpoint transfer without its sweep and map fitting (the teacher's checkpoint is given)."""
 
 VARIANTS: dict[str, list[dict]] = {
     "lens_unlearn": [
@@ -63,9 +81,15 @@ VARIANTS: dict[str, list[dict]] = {
         {"retain_coef": 0.0, "forget_ramp": "constant"},
     ],
     "checkpoint_transfer": [
-        {"teacher": TEACHER},
-        {"teacher": TEACHER, "maps_path": MAPS, "retain_loss": "l2", "layers": [1]},
-        {"teacher": TEACHER, "retain_coef": 0.0, "forget_ramp": "constant"},
+        TEACHER_FIXED,
+        {
+            **TEACHER_FIXED,
+            "map_kind": "affine",
+            "maps_path": MAPS,
+            "retain_loss": "l2",
+            "layers": [1],
+        },
+        {**TEACHER_FIXED, "retain_coef": 0.0, "forget_ramp": "constant"},
     ],
     "probe_unlearn": [
         {"probe_path": PROBES},
@@ -79,24 +103,38 @@ VARIANTS: dict[str, list[dict]] = {
         {"retain_loss": "nll", "orth_ramp": "constant", "retain_layers": [0]},
         {"forget_coef": 0.0, "retain_coef": 0.0},
     ],
+    "sequential": [
+        {},
+        {"forget_loss": "random_ce", "retain_loss": "nll", "forget_ramp": "constant"},
+        {"forget_loss": "top_k", "top_k": 5, "retain_loss": "l2", "maintain_unlearned": True},
+    ],
+    "rewritten_transfer": [
+        {"rewritten_data": REWRITTEN},
+        {"rewritten_data": REWRITTEN, "sites": ("hook_resid_post",), "rewritten_ce_coef": 0.0},
+        {"rewritten_data": REWRITTEN, "layers": [1], "retain_loss": "l2", "matched_only": True},
+    ],
 }
-"""Configs the contract runs for each method: the defaults first, then non-default settings."""
+"""Settings the contract runs for each method, as changes to its registered defaults: the defaults
+first (apart from inputs a method cannot default), then non-default settings."""
 
 CASES = [
     pytest.param(name, kwargs, False, id=f"{name}-{i}")
-    for name in METHODS
+    for name in REGISTRY
     for i, kwargs in enumerate(VARIANTS.get(name, [{}]))
-] + [pytest.param(name, VARIANTS[name][0], True, id=f"{name}-lora") for name in METHODS]
+] + [pytest.param(name, VARIANTS[name][0], True, id=f"{name}-lora") for name in REGISTRY]
+
+
+FORGET_DOCS = [{"text": text[: 8 * (i + 1)]} for i, text in enumerate(TINY_TEXTS)]
+RETAIN_DOCS = [{"text": text[: 6 * (4 - i)]} for i, text in enumerate(TINY_TEXTS)]
+MAX_LEN = 24
 
 
 @pytest.fixture(scope="module")
 def batches(tiny_lm):
     """A forget and a retain batch of 4 rows each, of unequal lengths (so padding is exercised)."""
     _, tokenizer = tiny_lm
-    forget_docs = [{"text": text[: 8 * (i + 1)]} for i, text in enumerate(TINY_TEXTS)]
-    retain_docs = [{"text": text[: 6 * (4 - i)]} for i, text in enumerate(TINY_TEXTS)]
-    forget = tokenize_documents(tokenizer, forget_docs, max_len=24)
-    retain = tokenize_documents(tokenizer, retain_docs, max_len=24)
+    forget = tokenize_documents(tokenizer, FORGET_DOCS, max_len=MAX_LEN)
+    retain = tokenize_documents(tokenizer, RETAIN_DOCS, max_len=MAX_LEN)
     forget_batch, retain_batch = PairedBatches(forget, retain, batch_size=4).at(0)
     assert (forget_batch.attention_mask == 0).any() and (retain_batch.attention_mask == 0).any()
     return {FORGET: forget_batch, RETAIN: retain_batch}
@@ -114,8 +152,9 @@ def _config(name: str, kwargs: dict, tmp_path, model, tokenizer):
         with torch.no_grad():
             for param in teacher.parameters():
                 param.add_(0.05 * torch.randn_like(param))
-        teacher.save_pretrained(tmp_path / "teacher")
-        tokenizer.save_pretrained(tmp_path / "teacher")
+        for path in (tmp_path / "teacher", tmp_path / "teacher" / "checkpoints" / "step1"):
+            teacher.save_pretrained(path)
+            tokenizer.save_pretrained(path)
         kwargs = {**kwargs, "teacher": str(tmp_path / "teacher")}
     if kwargs.get("maps_path") == MAPS:
         d = model.config.hidden_size
@@ -132,16 +171,47 @@ def _config(name: str, kwargs: dict, tmp_path, model, tokenizer):
             for layer in range(N_LAYERS)
         }
         kwargs = {**kwargs, "probe_path": str(save_probes(probes, tmp_path / "probes"))}
-    return METHODS[name][0](**kwargs)
+    if kwargs.get("rewritten_data") == REWRITTEN:
+        path = tmp_path / "rewritten.jsonl"
+        twins = [
+            " ".join(w[::-1] if i % 2 else w for i, w in enumerate(doc["text"].split(" ")))
+            for doc in FORGET_DOCS
+        ]
+        path.write_text("".join(json.dumps({"text": text}) + "\n" for text in twins))
+        kwargs = {**kwargs, "rewritten_data": str(path)}
+    return dataclasses.replace(registration(name).default_config(), **kwargs)
 
 
-def _wire(model, cfg, name: str, use_lora: bool):
+def _context(model, tokenizer, tmp_path) -> Context:
+    """What a run hands `build`: the tiny model, the contract's documents, no items."""
+    return Context(
+        model=model,
+        tokenizer=tokenizer,
+        source="tiny",
+        forget_docs=FORGET_DOCS,
+        retain_docs=RETAIN_DOCS,
+        items={},
+        data=DataConfig(max_len=MAX_LEN, batch_size=4),
+        training=TrainingConfig(num_steps=3),
+        device="cpu",
+        out_dir=tmp_path,
+    )
+
+
+def _build(name: str, cfg, model, tokenizer, tmp_path):
+    """The method of the first phase of the registered method's plan."""
+    plan = registration(name).build(cfg, _context(model, tokenizer, tmp_path))
+    assert plan.phases and all(phase.num_steps == 3 for phase in plan.phases)
+    return plan.phases[0].method
+
+
+def _wire(model, tokenizer, cfg, name: str, use_lora: bool, tmp_path):
     """(method, trainable, base, compiled step) as `train` builds them, trainable moved off θ0.
 
     The base copy keeps requires_grad=True on purpose: a method that reads the base model without
     `grad=False` would then leak gradients into it, which the contract catches.
     """
-    method = METHODS[name][1](cfg, N_LAYERS)
+    method = _build(name, cfg, model, tokenizer, tmp_path)
     base = copy.deepcopy(model).eval().requires_grad_(True)
     trainable = copy.deepcopy(model).requires_grad_(True)
     if use_lora:
@@ -205,7 +275,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
         ("circuit_breakers", {"retain_loss": "kl", "layers": [0, 1], "ref_jitter": 0.0}),
     ],
 )
-def test_unweighted_terms_at_theta0_match_hand_values(name, kwargs, tiny_lm, batches):
+def test_unweighted_terms_at_theta0_match_hand_values(name, kwargs, tiny_lm, batches, tmp_path):
     """At θ0 (trainable == base), recomputed from plain forward hooks, with h_l = block l's output,
     lens_l = lm_head(final_layer_norm(h_l)) and m = the forget token mask:
 
@@ -217,9 +287,9 @@ def test_unweighted_terms_at_theta0_match_hand_values(name, kwargs, tiny_lm, bat
       p_b = Σ_t m h / Σ_t m, p̂ = p / ‖p‖, Σ_{b≠b'} ReLU(p̂_b·p̂_b') / (B(B−1)|L|) · mean_b Σ_t m;
     - every retain term (KL, L2) is 0 against an identical model.
     """
-    model, _ = tiny_lm
-    cfg = METHODS[name][0](**kwargs)
-    method = METHODS[name][1](cfg, N_LAYERS)
+    model, tokenizer = tiny_lm
+    cfg = registration(name).config(**kwargs)
+    method = _build(name, cfg, model, tokenizer, tmp_path)
     base = copy.deepcopy(model).eval().requires_grad_(False)
     step = StepGraph(list(method.nodes)).compile({TRAINABLE: copy.deepcopy(model), BASE: base})
     with torch.no_grad():
@@ -273,28 +343,56 @@ def test_unweighted_terms_at_theta0_match_hand_values(name, kwargs, tiny_lm, bat
 
 
 def test_registry_names_are_unique_and_lowercase():
-    names = list(METHODS)
+    names = list(REGISTRY)
     assert len(names) == len(set(names))
-    for name in names:
-        assert name == name.lower() and name.isidentifier(), name
-    config_classes = [config_cls for config_cls, _ in METHODS.values()]
-    method_classes = [method_cls for _, method_cls in METHODS.values()]
+    for name, reg in REGISTRY.items():
+        assert name == reg.name and name == name.lower() and name.isidentifier(), name
+        assert dataclasses.is_dataclass(reg.config) and reg.summary
+        assert isinstance(reg.default_config(), reg.config)
+    config_classes = [reg.config for reg in REGISTRY.values()]
     assert len(set(config_classes)) == len(config_classes)
-    assert len(set(method_classes)) == len(method_classes)
-    for config_cls, _ in METHODS.values():
-        assert dataclasses.is_dataclass(config_cls)
+
+
+def test_register_refuses_a_taken_or_malformed_name(monkeypatch):
+    monkeypatch.setattr("unlearn.methods.plan.REGISTRY", dict(REGISTRY))
+    taken = dataclasses.replace(REGISTRY["lens_unlearn"], summary="another")
+    with pytest.raises(ValueError, match="already registered"):
+        register(taken)
+    with pytest.raises(ValueError, match="lowercase identifier"):
+        register(dataclasses.replace(taken, name="Lens-2"))
+    with pytest.raises(ValueError, match="unknown method 'nope'; registered: lens_unlearn"):
+        registration("nope")
 
 
 def test_every_method_has_contract_variants():
-    """A new method must list its non-default configs in VARIANTS, defaults first (apart from
-    the inputs a method cannot default: checkpoint transfer's teacher, probe unlearn's probes)."""
-    assert set(VARIANTS) == set(METHODS)
+    """A new method must list its non-default settings in VARIANTS, defaults first (apart from
+    the inputs a method cannot default: checkpoint transfer's given teacher checkpoint, probe
+    unlearn's probes, rewritten transfer's twins outside the toy world)."""
+    assert set(VARIANTS) == set(REGISTRY)
     required = {
-        "checkpoint_transfer": {"teacher": TEACHER},
+        "checkpoint_transfer": TEACHER_FIXED,
         "probe_unlearn": {"probe_path": PROBES},
+        "rewritten_transfer": {"rewritten_data": REWRITTEN},
     }
     for name, variants in VARIANTS.items():
         assert variants[0] == required.get(name, {})
+
+
+def test_sequential_builds_one_phase_per_block_back_to_front(tiny_lm, tmp_path):
+    """2 blocks: phases layer1 then layer0, each training its own block (and, maintained, the
+    ones already done), seeds offset by the phase index, every route into one frozen original."""
+    model, tokenizer = tiny_lm
+    ctx = _context(model, tokenizer, tmp_path)
+    build = registration("sequential").build
+    plan = build(registration("sequential").config(), ctx)
+    assert [(p.name, p.blocks, p.seed_offset) for p in plan.phases] == [
+        ("layer1", (1,), 0),
+        ("layer0", (0,), 1),
+    ]
+    originals = {id(p.method.models["original"]) for p in plan.phases}
+    assert len(originals) == 1 and id(model) not in originals
+    maintained = build(registration("sequential").config(maintain_unlearned=True), ctx)
+    assert [p.blocks for p in maintained.phases] == [(1,), (1, 0)]
 
 
 @pytest.mark.parametrize("name, kwargs, use_lora", CASES)
@@ -303,7 +401,7 @@ def test_loss_is_finite_scalar_and_grads_reach_only_trainable(
 ):
     model, tokenizer = tiny_lm
     cfg = _config(name, kwargs, tmp_path, model, tokenizer)
-    method, trainable, base, step = _wire(model, cfg, name, use_lora)
+    method, trainable, base, step = _wire(model, tokenizer, cfg, name, use_lora, tmp_path)
     names = [term.name for term in method.terms]
     assert len(names) == len(set(names)) and set(names) - {"retain"}
 
@@ -334,7 +432,7 @@ def test_one_step_lowers_the_forget_objective(name, kwargs, use_lora, tiny_lm, b
     """
     model, tokenizer = tiny_lm
     cfg = _config(name, kwargs, tmp_path, model, tokenizer)
-    method, trainable, _, step = _wire(model, cfg, name, use_lora)
+    method, trainable, _, step = _wire(model, tokenizer, cfg, name, use_lora, tmp_path)
     params = [p for p in trainable.parameters() if p.requires_grad]
 
     torch.manual_seed(1)
@@ -351,11 +449,11 @@ def test_one_step_lowers_the_forget_objective(name, kwargs, use_lora, tiny_lm, b
     assert float(after) < float(before.detach()), (float(before.detach()), float(after))
 
 
-@pytest.mark.parametrize("name, kwargs", [(n, kw) for n in METHODS for kw in VARIANTS.get(n, [{}])])
+@pytest.mark.parametrize("name, kwargs", [(n, kw) for n in REGISTRY for kw in VARIANTS[n]])
 def test_config_round_trips(name, kwargs):
     """asdict -> constructor gives an equal config; so does the CLI built from its fields."""
-    config_cls = METHODS[name][0]
-    cfg = config_cls(**{k: v for k, v in kwargs.items() if k != "lens_path"})
+    config_cls = registration(name).config
+    cfg = dataclasses.replace(registration(name).default_config(), **kwargs)
     assert config_cls(**dataclasses.asdict(cfg)) == cfg
 
     args = []
@@ -363,14 +461,16 @@ def test_config_round_trips(name, kwargs):
         if value is None:
             continue  # None is the default of every optional field
         args += (
-            [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}", str(value)]
+            [f"--{key}", *map(str, value)]
+            if isinstance(value, list | tuple)
+            else [f"--{key}", str(value)]
         )
     assert simple_parsing.parse(config_cls, args=args) == cfg
     assert simple_parsing.parse(config_cls, args=[]) == config_cls()
 
 
 def test_config_parse_sets_nondefault_values():
-    config_cls = METHODS["circuit_breakers"][0]
+    config_cls = registration("circuit_breakers").config
     cfg = simple_parsing.parse(
         config_cls, args=["--layers", "0", "1", "--orth_coef", "0", "--retain_loss", "kl"]
     )
@@ -409,26 +509,26 @@ def test_term_weight_is_coef_times_ramp():
     assert term.weight(0.5) == pytest.approx(3.0)  # 4 * (0.5 + 0.5 * 0.5)
 
 
-def test_method_configs_choose_their_ramps():
-    lens_cls, cb_cls = METHODS["lens_unlearn"], METHODS["circuit_breakers"]
-    lens = lens_cls[1](lens_cls[0](forget_coef=5.0, retain_coef=2.0), N_LAYERS)
+def test_method_configs_choose_their_ramps(tiny_lm, tmp_path):
+    model, tokenizer = tiny_lm
+    lens_cfg = registration("lens_unlearn").config(forget_coef=5.0, retain_coef=2.0)
+    lens = _build("lens_unlearn", lens_cfg, model, tokenizer, tmp_path)
     weights = {term.name: term.weight(1.0) for term in lens.terms}
     assert weights == pytest.approx({"forget": 5.0 * 0.75, "retain": 2.0 * 1.0})
-    cb = cb_cls[1](cb_cls[0](orth_coef=10.0, orth_ramp="constant"), N_LAYERS)
+    cb_cfg = registration("circuit_breakers").config(orth_coef=10.0, orth_ramp="constant")
+    cb = _build("circuit_breakers", cb_cfg, model, tokenizer, tmp_path)
     assert {term.name: term.weight(0.0) for term in cb.terms} == pytest.approx(
         {"forget": 1.0, "orth": 10.0, "retain": 0.1}
     )
-    cb_plain = cb_cls[1](cb_cls[0](orth_coef=0.0), N_LAYERS)
+    cb_plain = CircuitBreakers(CircuitBreakersConfig(orth_coef=0.0), N_LAYERS)
     assert [term.name for term in cb_plain.terms] == ["forget", "retain"]
 
 
 def test_zero_coefficients_drop_terms_and_their_reads():
-    config_cls, method_cls = METHODS["circuit_breakers"]
-    orth_only = method_cls(config_cls(forget_coef=0.0, retain_coef=0.0), N_LAYERS)
+    orth_only = CircuitBreakers(CircuitBreakersConfig(forget_coef=0.0, retain_coef=0.0), N_LAYERS)
     assert [term.name for term in orth_only.terms] == ["orth"]
     assert [node.name for node in orth_only.nodes] == ["forget_acts"]
-    config_cls, method_cls = METHODS["lens_unlearn"]
-    forget_only = method_cls(config_cls(retain_coef=0.0), N_LAYERS)
+    forget_only = LensUnlearn(LensUnlearnConfig(retain_coef=0.0), N_LAYERS)
     assert [term.name for term in forget_only.terms] == ["forget"]
     assert all(node.batch == FORGET for node in forget_only.nodes)
 
@@ -448,9 +548,11 @@ def test_stack_rejects_name_clashes():
     other = Stacked(nodes=(dataclasses.replace(kl.nodes[0], batch=FORGET),))
     with pytest.raises(ValueError, match="different nodes named 'retain_logits'"):
         stack(nll, other)
-    lens_cls, cb_cls = METHODS["lens_unlearn"], METHODS["circuit_breakers"]
     with pytest.raises(ValueError, match="loss term named"):
-        stack(lens_cls[1](lens_cls[0](), N_LAYERS), cb_cls[1](cb_cls[0](), N_LAYERS))
+        stack(
+            LensUnlearn(LensUnlearnConfig(), N_LAYERS),
+            CircuitBreakers(CircuitBreakersConfig(), N_LAYERS),
+        )
 
 
 def test_retain_component_rejects_unknown_kind():
@@ -478,7 +580,7 @@ def test_lens_terms_never_reach_the_readout(name, kwargs, tiny_lm, batches, tmp_
 
     model, tokenizer = tiny_lm
     cfg = _config(name, kwargs, tmp_path, model, tokenizer)
-    method, trainable, _, step = _wire(model, cfg, name, use_lora=False)
+    method, trainable, _, step = _wire(model, tokenizer, cfg, name, False, tmp_path)
     _forget_objective(method, step, batches).backward()
     grads = {n: p.grad for n, p in trainable.named_parameters()}
     for n, grad in grads.items():
@@ -512,7 +614,7 @@ def test_the_logit_lens_at_the_last_layer_is_the_models_output(tiny_lm, batches)
     """Before training, decoding the last block's output (frozen readout copy, identity translator)
     equals the trainable model's own logits."""
     model, _ = tiny_lm
-    method = METHODS["lens_unlearn"][1](METHODS["lens_unlearn"][0](layers=[N_LAYERS - 1]), N_LAYERS)
+    method = LensUnlearn(LensUnlearnConfig(layers=[N_LAYERS - 1]), N_LAYERS)
     trainable = copy.deepcopy(model).requires_grad_(True)
     step = StepGraph(list(method.nodes)).compile({TRAINABLE: trainable, BASE: copy.deepcopy(model)})
     forget = batches[FORGET]

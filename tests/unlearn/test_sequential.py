@@ -3,8 +3,9 @@
 Checks: routing into the original is exact (trainable == original gives the original's own
 logits and loss); a phase's gradients reach only its block (plus the done blocks with
 `maintain_unlearned`) and never the original; phases run back to front with schedules that restart;
-a killed run resumes in the phase where it stopped and ends where an uninterrupted run ends; the
-recipe runs end to end on the tiny world.
+`sequential_phases` declares one phase per block, run in order by the training core's
+`train_plan`; a killed run resumes in the phase where it stopped and ends where an uninterrupted run
+ends; the recipe runs end to end on the tiny world.
 """
 
 import copy
@@ -24,14 +25,20 @@ from unlearn.methods.sequential import (
     ORIGINAL,
     SequentialConfig,
     SequentialLayer,
-    block_path,
-    is_finished,
     kept_layers,
     phase_layers,
-    run_sequential,
-    set_trainable_layers_,
+    sequential_phases,
 )
-from unlearn.training import LoraSettings, OptimSettings, TrainResult
+from unlearn.train_state import STATE_FILE
+from unlearn.training import (
+    METRICS_FILE,
+    LoraSettings,
+    OptimSettings,
+    TrainResult,
+    block_path,
+    set_trainable_layers_,
+    train_plan,
+)
 
 N_LAYERS = 2
 
@@ -59,6 +66,12 @@ def _compile(method, trainable):
 def _block_params(model, layers):
     prefixes = tuple(block_path(model, layer) + "." for layer in layers)
     return {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
+
+
+def _is_finished(out_dir, layer: int, num_steps: int) -> bool:
+    """Whether `layer`'s phase saved its final state (out_dir/layer<L>/train_state.pt)."""
+    path = out_dir / f"layer{layer}" / STATE_FILE
+    return path.exists() and int(torch.load(path, weights_only=False)["step"]) >= num_steps
 
 
 def test_phase_layers_and_config_checks():
@@ -136,16 +149,18 @@ def test_gradients_reach_only_the_phase_blocks(tiny_lm, batches, maintain, retai
 
 
 def _run(model, docs, out, steps=2, **kwargs):
+    """Sequential unlearning as a run does it: the phases of `model`, then `train_plan`."""
     cfg = kwargs.pop("cfg", SequentialConfig(forget_coef=2.0))
-    return run_sequential(
+    phases = sequential_phases(cfg, model, steps_per_layer=steps)
+    results = train_plan(
         model,
-        cfg,
+        phases,
         PairedBatches(*docs, batch_size=2),
-        steps_per_layer=steps,
         out_dir=out,
         optim=OptimSettings(lr=1e-2, warmup_steps=1),
         **kwargs,
     )
+    return phases, results
 
 
 @pytest.mark.parametrize("use_lora", [False, True])
@@ -153,12 +168,18 @@ def test_phases_run_back_to_front_and_restart_their_schedules(tiny_lm, docs, tmp
     model, _ = tiny_lm
     trained = copy.deepcopy(model)
     lora = LoraSettings(rank=2) if use_lora else None
-    result = _run(trained, docs, tmp_path, steps=3, lora=lora)
-    assert [phase.layer for phase in result.phases] == [1, 0]
-    for phase in result.phases:
-        assert phase.out_dir == tmp_path / f"layer{phase.layer}"
-        assert is_finished(tmp_path, phase.layer, 3)
-        records = [r for r in phase.history if "loss/total" in r]
+    phases, results = _run(trained, docs, tmp_path, steps=3, lora=lora)
+    assert [phase.name for phase in phases] == ["layer1", "layer0"]
+    assert [phase.method.layer for phase in phases] == [1, 0]
+    assert [phase.blocks for phase in phases] == [(1,), (0,)]
+    assert [phase.seed_offset for phase in phases] == [0, 1]
+    assert [phase.num_steps for phase in phases] == [3, 3]
+    assert len(results) == len(phases)
+    for phase, result in zip(phases, results, strict=True):
+        layer = phase.method.layer
+        assert (tmp_path / f"layer{layer}" / METRICS_FILE).exists()
+        assert _is_finished(tmp_path, layer, 3)
+        records = [r for r in result.history if "loss/total" in r]
         assert [r["step"] for r in records] == [1, 2, 3]
         assert records[0]["coef/forget"] == pytest.approx(2.0 * RAMPS["forget_decay"].start)
         assert records[-1]["coef/forget"] == pytest.approx(2.0 * RAMPS["forget_decay"].end)
@@ -180,7 +201,7 @@ def test_killed_run_resumes_at_the_right_phase(tiny_lm, docs, tmp_path, monkeypa
     finished phase without training it and ends exactly where an uninterrupted run ends."""
     model, _ = tiny_lm
     steps = 3
-    reference = _run(copy.deepcopy(model), docs, tmp_path / "full", steps=steps, save_every=1)
+    _, reference = _run(copy.deepcopy(model), docs, tmp_path / "full", steps=steps, save_every=1)
 
     calls = []
     original_at = PairedBatches.at
@@ -195,8 +216,8 @@ def test_killed_run_resumes_at_the_right_phase(tiny_lm, docs, tmp_path, monkeypa
         patch.setattr(PairedBatches, "at", counting_at)
         with pytest.raises(KeyboardInterrupt):
             _run(copy.deepcopy(model), docs, tmp_path / "killed", steps=steps, save_every=1)
-    assert is_finished(tmp_path / "killed", 1, steps)
-    assert not is_finished(tmp_path / "killed", 0, steps)
+    assert _is_finished(tmp_path / "killed", 1, steps)
+    assert not _is_finished(tmp_path / "killed", 0, steps)
 
     calls.clear()
     with monkeypatch.context() as patch:
@@ -205,11 +226,13 @@ def test_killed_run_resumes_at_the_right_phase(tiny_lm, docs, tmp_path, monkeypa
             "at",
             lambda self, step, *a, **k: (calls.append(step), original_at(self, step, *a, **k))[1],
         )
-        resumed = _run(copy.deepcopy(model), docs, tmp_path / "killed", steps=steps, save_every=1)
+        _, resumed = _run(
+            copy.deepcopy(model), docs, tmp_path / "killed", steps=steps, save_every=1
+        )
     assert calls == [1, 2]  # only phase 2's remaining steps ran
-    for p, q in zip(resumed.model.parameters(), reference.model.parameters(), strict=True):
+    for p, q in zip(resumed[-1].model.parameters(), reference[-1].model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    records = [r for r in resumed.phases[1].history if "loss/total" in r]
+    records = [r for r in resumed[1].history if "loss/total" in r]
     assert [r["step"] for r in records] == [1, 2, 3]
 
 
@@ -247,12 +270,14 @@ def test_recipe_runs_end_to_end(tiny_home, tmp_path):
         "layer1/metrics.jsonl",
     ):
         assert (out / name).exists(), name
-    assert json.loads((out / "results.json").read_text()) == pytest.approx(results)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == pytest.approx({k: v for k, v in results.items() if k != "phase_layers"})
+    assert results["phase_layers"] == [1, 0]  # what preparation chose, returned with the results
     for key in ("forget_acc", "retain_acc", "forget_acc_before", "retain_acc_before"):
         assert 0.0 <= results[key] <= 1.0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [(r["layer"], r["step"]) for r in records if "loss/total" in r]
-    assert losses == [(1, 1), (1, 2), (0, 3), (0, 4)]
+    losses = [(r["phase"], r["step"]) for r in records if "loss/total" in r]
+    assert losses == [("layer1", 1), ("layer1", 2), ("layer0", 3), ("layer0", 4)]
 
 
 def test_one_phase_form_routes_into_base(tiny_lm, batches):
@@ -275,25 +300,27 @@ def test_one_phase_form_routes_into_base(tiny_lm, batches):
 
 
 def test_every_phase_takes_the_nonfinite_policy(tiny_lm, monkeypatch, tmp_path):
-    """`run_sequential(on_nonfinite="skip")` hands the policy to every phase's `train`."""
-    import unlearn.methods.sequential as sequential_module
+    """`train_plan(..., on_nonfinite="skip")` hands the policy to every phase's `train`, each in
+    its own directory with the run's seed plus the phase's offset."""
+    import unlearn.training as training_module
 
     seen = []
 
     def fake_train(model, method, batches, **kwargs):
-        seen.append(kwargs["on_nonfinite"])
+        seen.append((kwargs["on_nonfinite"], kwargs["out_dir"], kwargs["seed"]))
         return TrainResult(model=model, history=[])
 
-    monkeypatch.setattr(sequential_module, "train", fake_train)
+    monkeypatch.setattr(training_module, "train", fake_train)
     model, tokenizer = tiny_lm
     docs = [{"text": "The pathogen Velkor is transmitted by ticks."}] * 4
     rows = tokenize_documents(tokenizer, docs, max_len=16)
-    sequential_module.run_sequential(
-        copy.deepcopy(model),
-        SequentialConfig(),
+    trained = copy.deepcopy(model)
+    train_plan(
+        trained,
+        sequential_phases(SequentialConfig(), trained, steps_per_layer=1),
         PairedBatches(rows, rows, batch_size=2),
-        steps_per_layer=1,
         out_dir=tmp_path,
+        seed=5,
         on_nonfinite="skip",
     )
-    assert seen == ["skip"] * model.config.num_hidden_layers
+    assert seen == [("skip", tmp_path / "layer1", 5), ("skip", tmp_path / "layer0", 6)]

@@ -263,7 +263,12 @@ def test_an_attack_scored_on_dev_needs_no_reporting_and_names_its_split(tiny_set
     expected = evaluate_mc(model, tok, dev).acc
     settings = AttackSettings(num_steps=1, batch_size=2, max_len=32, early_evals=())
     records, _ = attack(
-        model, tok, tiny_setup.forget_docs, {"forget_dev": dev, "retain": retain}, settings, tmp_path
+        model,
+        tok,
+        tiny_setup.forget_docs,
+        {"forget_dev": dev, "retain": retain},
+        settings,
+        tmp_path,
     )
     assert [r["forget_split"] for r in records] == ["forget_dev", "forget_dev"]
     assert records[0]["forget_acc"] == pytest.approx(expected)

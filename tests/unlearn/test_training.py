@@ -22,7 +22,7 @@ from torch import nn
 from interventions import Read
 from tests.conftest import TINY_TEXTS
 from unlearn.data import PairedBatches, TokenizedDocuments, tokenize_documents
-from unlearn.methods import FORGET, METHODS, TRAINABLE, Stacked, Term
+from unlearn.methods import FORGET, REGISTRY, TRAINABLE, LensUnlearn, Stacked, Term
 from unlearn.training import (
     METRICS_FILE,
     STATE_FILE,
@@ -41,8 +41,7 @@ def _method(**kwargs):
     """lens_unlearn with the exact max-entropy forget loss unless told otherwise (the hand
     computations below use it)."""
     kwargs.setdefault("forget_loss", "max_entropy")
-    config_cls, method_cls = METHODS["lens_unlearn"]
-    return method_cls(config_cls(**kwargs), N_LAYERS)
+    return LensUnlearn(REGISTRY["lens_unlearn"].config(**kwargs), N_LAYERS)
 
 
 def _documents(tokenizer, lengths: list[int], max_len: int = 24):

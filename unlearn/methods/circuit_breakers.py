@@ -16,9 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from interventions import Read
+from unlearn.config import DataConfig, TrainingConfig
 from unlearn.kernels import orthogonality_loss_fused
 from unlearn.losses import circuit_breaker_loss
 from unlearn.methods.base import BASE, FORGET, RAMPS, TRAINABLE, Node, RampName, Term
+from unlearn.methods.plan import Context, Phase, Plan, Registration
 from unlearn.methods.retain import RetainLoss, retain_component
 
 
@@ -98,3 +100,18 @@ class CircuitBreakers:
         )
         self.nodes: tuple[Node, ...] = (*nodes, *retain.nodes)
         self.terms: tuple[Term, ...] = (*terms, *retain.terms)
+
+
+def build(cfg: CircuitBreakersConfig, ctx: Context) -> Plan:
+    """One phase of circuit breakers over the run's steps."""
+    return Plan([Phase(CircuitBreakers(cfg, ctx.n_layers), ctx.training.num_steps)])
+
+
+REGISTRATION = Registration(
+    name="circuit_breakers",
+    config=CircuitBreakersConfig,
+    build=build,
+    summary="Orthogonal circuit breakers: reroute forget activations, pooled ones orthogonal.",
+    data=lambda: DataConfig(batch_size=32),
+    training=lambda: TrainingConfig(num_steps=300, lr=3e-3),
+)

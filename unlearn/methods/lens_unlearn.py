@@ -22,9 +22,11 @@ from jaxtyping import Bool
 from torch import Tensor, nn
 
 from interventions import Lens
+from unlearn.config import DataConfig, TrainingConfig
 from unlearn.lens import SITE, TunedLens
 from unlearn.losses import ce_maximization_loss, max_entropy_loss, random_target_ce_loss
 from unlearn.methods.base import FORGET, RAMPS, TRAINABLE, Node, RampName, Term, TermFn
+from unlearn.methods.plan import Context, Phase, Plan, Registration
 from unlearn.methods.retain import RetainLoss, retain_component
 
 
@@ -126,3 +128,19 @@ class LensUnlearn:
             Term("forget", forget_term, cfg.forget_coef, RAMPS[cfg.forget_ramp]),
             *retain.terms,
         )
+
+
+def build(cfg: LensUnlearnConfig, ctx: Context) -> Plan:
+    """One phase of lens unlearning over the run's steps."""
+    return Plan([Phase(LensUnlearn(cfg, ctx.n_layers, device=ctx.device), ctx.training.num_steps)])
+
+
+REGISTRATION = Registration(
+    name="lens_unlearn",
+    config=LensUnlearnConfig,
+    build=build,
+    summary="Tuned-lens unlearning: every layer's lens prediction on forget text to max entropy.",
+    data=lambda: DataConfig(batch_size=32),
+    training=lambda: TrainingConfig(num_steps=300, lr=3e-4),
+    inputs=lambda cfg, model_cfg, data_cfg: {"paths": {"lens_path": cfg.lens_path}},
+)

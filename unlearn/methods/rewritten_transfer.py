@@ -33,6 +33,13 @@ tokens × (layers × d_model per block site, + d_vocab for `unembed`): for the d
 (94k forget tokens, float32) about 190 MB per block site at 4 layers and 380 MB for the logits
 (choose `dtype="bfloat16"` or fewer sites for larger models).
 
+`build` reads the rewritten twins (`rewritten_data`, or the toy world's `forget_rewritten`), checks
+that line i rewrites forget document i, and computes the targets before training. Its defaults
+(the registration's): MSE (coefficient 1) at every block output, MLP output and the logits (the
+reference's hook kinds), the twin's cross-entropy at the value tokens (coefficient 2; without it
+held-out forget stays high), KL retain (coefficient 8), forget terms at value tokens only, 300
+AdamW steps of 32 + 32 rows.
+
 Usage:
     >>> cfg = RewrittenTransferConfig(layers=[1, 2], sites=("hook_resid_post", "unembed"))
     >>> targets = rewritten_targets(model, forget_rows, rewritten_rows, cfg.layers, cfg.sites)
@@ -52,9 +59,11 @@ from torch import Tensor, nn
 
 from interventions import Read, StepGraph
 from unlearn.alignment import align_tokens
-from unlearn.data import Batch, TokenizedDocuments
+from unlearn.config import TOYWORLD, DataConfig, ModelConfig, TrainingConfig
+from unlearn.data import Batch, TokenizedDocuments, read_documents, tokenize_documents
 from unlearn.losses import activation_mse_loss, next_token_nll_loss
 from unlearn.methods.base import FORGET, RAMPS, TRAINABLE, Node, RampName, Term
+from unlearn.methods.plan import Context, Phase, Plan, Registration
 from unlearn.methods.retain import RetainLoss, retain_component
 
 SiteKind = Literal["hook_resid_post", "hook_mlp_out", "unembed"]
@@ -100,6 +109,9 @@ class RewrittenTransferConfig:
     matched_only: bool = False
     """Use only aligned positions whose tokens match (drop the rewritten spans themselves) in the
     MSE; not with a value-token mask, which keeps only the rewritten spans."""
+    rewritten_data: str | None = None
+    """JSON-lines rewritten documents, line i the twin of forget document i; default: the toy
+    world's forget_rewritten."""
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -347,3 +359,67 @@ class RewrittenTransfer:
         )
         self.nodes: tuple[Node, ...] = (*reads.values(), *retain.nodes)
         self.terms: tuple[Term, ...] = (*terms, *retain.terms)
+
+
+def rewritten_documents(cfg: RewrittenTransferConfig, ctx: Context) -> list[dict]:
+    """The rewritten twins of the context's forget documents, checked pair by pair.
+
+    Raises:
+        ValueError: No rewritten data for a model outside the toy world, or a twin whose id is not
+            its forget document's.
+    """
+    if cfg.rewritten_data is not None:
+        docs = read_documents(cfg.rewritten_data, "--rewritten_data")
+    elif ctx.world is not None:
+        docs = ctx.world.corpus("forget_rewritten")
+    else:
+        raise ValueError("pass --rewritten_data: rewritten twins of the forget documents")
+    docs = docs[: len(ctx.forget_docs)]
+    for original, rewritten in zip(ctx.forget_docs, docs, strict=False):
+        if "id" in original and "id" in rewritten and original["id"] not in rewritten["id"]:
+            raise ValueError(
+                f"rewritten document {rewritten['id']!r} is not the twin of {original['id']!r}: "
+                "line i of the rewritten data must rewrite forget document i"
+            )
+    return docs
+
+
+def build(cfg: RewrittenTransferConfig, ctx: Context) -> Plan:
+    """Align forget documents with their rewrites, compute the targets, one phase of transfer."""
+    layers = list(range(ctx.n_layers)) if cfg.layers is None else cfg.layers
+    # The same tokenization as the run's forget rows, so Batch.rows index these targets.
+    targets = rewritten_targets(
+        ctx.model,
+        tokenize_documents(ctx.tokenizer, ctx.forget_docs, ctx.data.max_len),
+        tokenize_documents(ctx.tokenizer, rewritten_documents(cfg, ctx), ctx.data.max_len),
+        layers,
+        sites=cfg.sites,
+        batch_size=ctx.data.batch_size,
+    )
+    method = RewrittenTransfer(cfg, ctx.n_layers, targets)
+    return Plan([Phase(method, ctx.training.num_steps)])
+
+
+def _inputs(cfg: RewrittenTransferConfig, model_cfg: ModelConfig, data_cfg: DataConfig) -> dict:
+    if cfg.rewritten_data is None and model_cfg.model.split(":")[0] != TOYWORLD:
+        raise ValueError(
+            f"model {model_cfg.model!r} is not the toy world: pass --rewritten_data "
+            "(JSON-lines rewritten twins of the forget documents)"
+        )
+    return {"documents": {"rewritten_data": cfg.rewritten_data}}
+
+
+REGISTRATION = Registration(
+    name="rewritten_transfer",
+    config=RewrittenTransferConfig,
+    build=build,
+    summary="Rewritten activation transfer: forget activations onto a false rewrite's.",
+    defaults=lambda: RewrittenTransferConfig(
+        sites=("hook_resid_post", "hook_mlp_out", "unembed"),
+        rewritten_ce_coef=2.0,
+        retain_coef=8.0,
+    ),
+    data=lambda: DataConfig(batch_size=32, use_value_mask=True),
+    training=lambda: TrainingConfig(num_steps=300, lr=2e-3),
+    inputs=_inputs,
+)

@@ -16,40 +16,31 @@ are unlearned in phases, from `start` down to `end` in steps of `step`. In the p
   fine-tuning or LoRA adapters on those blocks; coefficient ramps restart every phase.
 
 `SequentialLayer(cfg, n_layers, layer, original)` is the method of one phase (nodes, terms and the
-"original" model); `run_sequential` runs every phase with `unlearn.training.train`, each in its
-own `<out_dir>/layer<L>`, so a killed run resumes in the phase where it stopped::
+"original" model); `build` returns one `Phase` per block (named `layer<L>`, training only that
+block's weights), which the training core runs in order (`unlearn.training.train_plan`), each in
+its own `<out_dir>/layer<L>`, so a killed run resumes in the phase where it stopped::
 
-    result = run_sequential(model, SequentialConfig(), batches, steps_per_layer=100, out_dir=out)
+    phases = sequential_phases(SequentialConfig(), model, steps_per_layer=100)
+    results = train_plan(model, phases, batches, out_dir=out)
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
 from interventions import Route
-from interventions.sites import resolve_site
-from unlearn.data import PairedBatches
+from unlearn.config import DataConfig, TrainingConfig
 from unlearn.losses import max_entropy_loss, random_target_ce_loss, top_k_entropy_loss
 from unlearn.methods.base import BASE, FORGET, RAMPS, TRAINABLE, Node, RampName, Term
 from unlearn.methods.lens_unlearn import predicting
+from unlearn.methods.plan import Context, Phase, Plan, Registration
 from unlearn.methods.retain import RetainLoss, retain_component
-from unlearn.training import (
-    LORA_TARGETS,
-    STATE_FILE,
-    LoraSettings,
-    NonFinitePolicy,
-    OptimSettings,
-    train,
-)
 
 ORIGINAL = "original"
 """Model name of the frozen original model (before any phase) in the step graph."""
@@ -123,22 +114,6 @@ def kept_layers(cfg: SequentialConfig, n_layers: int, layer: int) -> list[int]:
     return layers[: layers.index(layer) + 1]
 
 
-def block_path(model: nn.Module, layer: int) -> str:
-    """Module path of block `layer` (e.g. "gpt_neox.layers.3"); any architecture of the table."""
-    return resolve_site(model, SITE.format(l=layer)).path
-
-
-def set_trainable_layers_(model: nn.Module, layers: list[int]) -> list[str]:
-    """Freeze every parameter of `model` but those of the given blocks; return their names."""
-    prefixes = tuple(block_path(model, layer) + "." for layer in layers)
-    names = []
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(prefixes))
-        if param.requires_grad:
-            names.append(name)
-    return names
-
-
 class SequentialLayer:
     """Nodes, terms and the frozen original model of the phase that unlearns one block."""
 
@@ -157,7 +132,7 @@ class SequentialLayer:
             layer: The block this phase unlearns; None means the first phase's.
             original: The model before any phase (frozen here; it is not copied). None routes into
                 `train`'s "base" instead, which is the original only in the first phase: enough
-                for `SequentialLayer(cfg, n_layers)` as a one-phase method (the `METHODS` form).
+                for `SequentialLayer(cfg, n_layers)` as a one-phase method.
 
         Raises:
             ValueError: `layer` is not a block of the model.
@@ -206,118 +181,35 @@ class SequentialLayer:
         )
 
 
-@dataclass
-class PhaseResult:
-    """One finished phase."""
-
-    layer: int
-    """The block it unlearned."""
-    out_dir: Path
-    """Its state and metrics.jsonl."""
-    history: list[dict[str, float | int]]
-    """Its records (steps count from 1 within the phase)."""
-
-
-@dataclass
-class SequentialResult:
-    """What `run_sequential` returns."""
-
-    model: nn.Module
-    """The unlearned model (LoRA merged)."""
-    phases: list[PhaseResult]
-    """The phases, in the order they ran."""
-
-
-def phase_dir(out_dir: str | os.PathLike[str], layer: int) -> Path:
-    """Output directory of `layer`'s phase."""
-    return Path(out_dir) / f"layer{layer}"
-
-
-def is_finished(out_dir: str | os.PathLike[str], layer: int, steps_per_layer: int) -> bool:
-    """Whether `layer`'s phase saved its final state."""
-    path = phase_dir(out_dir, layer) / STATE_FILE
-    return path.exists() and int(torch.load(path, weights_only=False)["step"]) >= steps_per_layer
-
-
-def _phase_lora(model: nn.Module, lora: LoraSettings, layers: list[int]) -> LoraSettings:
-    """LoRA settings whose targets are only the linear layers of the given blocks."""
-    model_type = getattr(model.config, "model_type", "?")
-    targets = lora.target_modules or LORA_TARGETS.get(model_type)
-    if targets is None:
-        raise ValueError(f"no default LoRA targets for model_type {model_type!r}; pass some")
-    full = tuple(
-        f"{path}.{name}"
-        for path in (block_path(model, layer) for layer in layers)
-        for name, _ in model.get_submodule(path).named_modules()
-        if name.rpartition(".")[2] in targets
-    )
-    return dataclasses.replace(lora, target_modules=full)
-
-
-def run_sequential(
-    model: nn.Module,
-    cfg: SequentialConfig,
-    batches: PairedBatches,
-    *,
-    steps_per_layer: int,
-    out_dir: str | os.PathLike[str],
-    optim: OptimSettings | None = None,
-    lora: LoraSettings | None = None,
-    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
-    eval_every: int = 0,
-    save_every: int = 50,
-    seed: int = 0,
-    original: nn.Module | None = None,
-    on_nonfinite: NonFinitePolicy = "stop",
-) -> SequentialResult:
-    """Unlearn block by block, back to front; resume if `out_dir` holds phases already run.
-
-    Each phase is one `train` call into `<out_dir>/layer<L>` with its own schedule (warmup and
-    ramps restart). A phase that saved its final state trains no more steps: `train` only reloads
-    its weights, so a rerun passes through the finished phases and resumes the interrupted one.
-
-    Args:
-        model: A Hugging Face causal LM (fp32 weights), changed in place. It must be the original
-            model on every call, resumed or not: the phases' saved weights are applied to it.
-        cfg: The settings.
-        batches: Paired forget/retain batches (`unlearn.data.PairedBatches`), used by every phase.
-        steps_per_layer: Optimizer steps per phase.
-        out_dir: Root of the phases' output directories.
-        optim: Optimizer settings of every phase (default: `OptimSettings()`).
-        lora: LoRA adapters on the phase's blocks (merged at the end of each phase) instead of
-            full fine-tuning of them.
-        eval_fn: As for `train`, per phase.
-        eval_every: As for `train`, per phase.
-        save_every: As for `train`, per phase.
-        seed: As for `train`; phase i uses seed + i, so random targets differ between phases.
-        original: The frozen original for the routes and the retain reference; default: a copy of
-            `model` as given.
-        on_nonfinite: As for `train`, per phase.
-    """
+def sequential_phases(cfg: SequentialConfig, model: nn.Module, steps_per_layer: int) -> list[Phase]:
+    """One phase per block, back to front, routed into a frozen copy of `model` as it is now."""
     n_layers = model.config.num_hidden_layers
-    layers = phase_layers(cfg, n_layers)
-    if original is None:
-        original = copy.deepcopy(model)
-    phases = []
-    for index, layer in enumerate(layers):
-        kept = kept_layers(cfg, n_layers, layer)
-        set_trainable_layers_(model, [] if lora is not None else kept)
-        result = train(
-            model,
+    original = copy.deepcopy(model)
+    return [
+        Phase(
             SequentialLayer(cfg, n_layers, layer, original),
-            batches,
-            num_steps=steps_per_layer,
-            out_dir=phase_dir(out_dir, layer),
-            optim=optim or OptimSettings(),
-            lora=_phase_lora(model, lora, kept) if lora is not None else None,
-            eval_fn=eval_fn,
-            eval_every=eval_every,
-            save_every=save_every,
-            seed=seed + index,
-            on_nonfinite=on_nonfinite,
-            desc=f"sequential layer {layer}",
+            steps_per_layer,
+            name=f"layer{layer}",
+            blocks=tuple(kept_layers(cfg, n_layers, layer)),
+            seed_offset=index,
         )
-        model = result.model
-        phases.append(PhaseResult(layer, phase_dir(out_dir, layer), result.history))
-    model.requires_grad_(False)
-    return SequentialResult(model, phases)
+        for index, layer in enumerate(phase_layers(cfg, n_layers))
+    ]
+
+
+def build(cfg: SequentialConfig, ctx: Context) -> Plan:
+    """One phase per block of `ctx.training.num_steps` steps (the step count is per block)."""
+    phases = sequential_phases(cfg, ctx.model, ctx.training.num_steps)
+    return Plan(phases, {"phase_layers": [int(p.name.removeprefix("layer")) for p in phases]})
+
+
+REGISTRATION = Registration(
+    name="sequential",
+    config=SequentialConfig,
+    build=build,
+    summary="Sequential unlearning: blocks back to front, forget routed through the original.",
+    data=lambda: DataConfig(batch_size=32),
+    training=lambda: TrainingConfig(
+        num_steps=60, lr=2e-3, warmup_steps=5, eval_every=0, save_every=20
+    ),
+)

@@ -21,7 +21,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Int
@@ -273,37 +273,10 @@ def pretrain(
         FloatingPointError: The loss became NaN or infinite.
     """
     atomic.remove_stale_tmp(run_dir / CHECKPOINTS_DIR)
-    model = make_model(cfg, tokenizer)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
-    )
-    resume_step = latest_resumable(run_dir)
-    if resume_step is not None:
-        _drop_old_states(run_dir, resume_step)
-    source = checkpoint_dir(run_dir, resume_step) if resume_step is not None else fork_from
-    start = 0
-    if source is not None:
-        state = torch.load(source / TRAIN_STATE, weights_only=False)
-        model = GPTNeoXForCausalLM.from_pretrained(source)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
-        )
-        # A forked run always holds loaded keys, uninterrupted or not; only a run that started
-        # from scratch needs torch's own key objects back (see _interned_keys).
-        is_from_scratch = resume_step is not None and fork_from is None
-        optimizer.load_state_dict(
-            _interned_keys(state["optimizer"]) if is_from_scratch else state["optimizer"]
-        )
-        start = state["step"]
-        if resume_step is None and start > cfg.stage1_steps:
-            raise ValueError(f"cannot fork from step {start}: past the stage boundary")
+    model, optimizer, start = _start(cfg, tokenizer, run_dir, fork_from)
     checkpoints = set(cfg.checkpoint_steps)
-    for step in sorted(checkpoints):
-        if step <= start and not is_saved_model(checkpoint_dir(run_dir, step)):
-            # A forked run shares the parent's checkpoints up to the fork.
-            parent = fork_from.parent if fork_from is not None else None
-            if parent is not None and is_saved_model(parent / f"step{step}"):
-                _copy_checkpoint(parent / f"step{step}", checkpoint_dir(run_dir, step))
+    if fork_from is not None:
+        _share_parent_checkpoints(run_dir, fork_from, sorted(checkpoints), start)
     if start == 0 and 0 in checkpoints:
         _save_checkpoint(run_dir, 0, model, tokenizer, optimizer, keep_state=0 in keep_state_steps)
 
@@ -316,19 +289,7 @@ def pretrain(
         dynamic_ncols=True,
     )
     for step in progress:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        rows = batch_at(cfg, step, retain_stream, forget_stream)
-        loss = model(input_ids=rows, labels=rows).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"pretraining loss is {loss.item()} at step {step}; lower cfg.lr (now {cfg.lr}) "
-                f"and rebuild; the last good checkpoint is kept under {run_dir / CHECKPOINTS_DIR}"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        torch.autograd.backward(loss)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        loss = _train_step(cfg, model, optimizer, step, retain_stream, forget_stream, run_dir)
         done = step + 1
         if done % 20 == 0:
             progress.set_postfix(loss=f"{loss.item():.3f}")
@@ -339,3 +300,89 @@ def pretrain(
     progress.close()
     model.eval()
     return model
+
+
+class _Start(NamedTuple):
+    """Where a pretraining run starts."""
+
+    model: GPTNeoXForCausalLM
+    optimizer: torch.optim.Optimizer
+    step: int
+    """Steps already done (0: a fresh start)."""
+
+
+def _start(cfg: ToyWorldConfig, tokenizer: Any, run_dir: Path, fork_from: Path | None) -> _Start:
+    """The model, optimizer and step a run starts from.
+
+    From the run's latest resumable checkpoint, else from the checkpoint it forks from, else a
+    fresh model.
+
+    Raises:
+        ValueError: The fork checkpoint is past the stage boundary.
+    """
+    model = make_model(cfg, tokenizer)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+    )
+    resume_step = latest_resumable(run_dir)
+    if resume_step is not None:
+        _drop_old_states(run_dir, resume_step)
+    source = checkpoint_dir(run_dir, resume_step) if resume_step is not None else fork_from
+    if source is None:
+        return _Start(model, optimizer, 0)
+    state = torch.load(source / TRAIN_STATE, weights_only=False)
+    model = GPTNeoXForCausalLM.from_pretrained(source)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+    )
+    # A forked run always holds loaded keys, uninterrupted or not; only a run that started
+    # from scratch needs torch's own key objects back (see _interned_keys).
+    is_from_scratch = resume_step is not None and fork_from is None
+    optimizer.load_state_dict(
+        _interned_keys(state["optimizer"]) if is_from_scratch else state["optimizer"]
+    )
+    start = state["step"]
+    if resume_step is None and start > cfg.stage1_steps:
+        raise ValueError(f"cannot fork from step {start}: past the stage boundary")
+    return _Start(model, optimizer, start)
+
+
+def _share_parent_checkpoints(
+    run_dir: Path, fork_from: Path, checkpoints: list[int], start: int
+) -> None:
+    """Copy the parent run's checkpoints up to the fork that this run does not hold yet."""
+    parent = fork_from.parent
+    for step in checkpoints:
+        if step <= start and not is_saved_model(checkpoint_dir(run_dir, step)):
+            if is_saved_model(parent / f"step{step}"):
+                _copy_checkpoint(parent / f"step{step}", checkpoint_dir(run_dir, step))
+
+
+def _train_step(
+    cfg: ToyWorldConfig,
+    model: GPTNeoXForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    retain_stream: Tensor,
+    forget_stream: Tensor | None,
+    run_dir: Path,
+) -> Tensor:
+    """One optimizer step on the rows of `step`; its loss.
+
+    Raises:
+        FloatingPointError: The loss is NaN or infinite.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(cfg, step)
+    rows = batch_at(cfg, step, retain_stream, forget_stream)
+    loss = model(input_ids=rows, labels=rows).loss
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"pretraining loss is {loss.item()} at step {step}; lower cfg.lr (now {cfg.lr}) "
+            f"and rebuild; the last good checkpoint is kept under {run_dir / CHECKPOINTS_DIR}"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    torch.autograd.backward(loss)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return loss
