@@ -1,6 +1,6 @@
 """Choose each method's learning rate on the **dev** split: the sweep behind the committed defaults.
 
-For every method, the recipe runs at three learning rates (`LR_GRID`: its previous default, a
+For every method, the recipe runs at three learning rates (`lr_grid`: its previous default, a
 third of it and three times it; unlearning seed 0) and each unlearned model is attacked by the
 attack suite shortened to `--num_steps` (default 100) steps, every evaluation scoring the held-out
 **dev** items (entities disjoint from the test split's) and retain. The unfiltered model and the
@@ -62,11 +62,17 @@ PREVIOUS_LR = {
     "probe_unlearn": 5e-4,
 }
 """The defaults before this sweep (chosen on held-out numbers that are now the test split's)."""
-LR_GRID = {
-    method: (float(f"{lr / 3:.3g}"), lr, float(f"{lr * 3:.3g}"))
-    for method, lr in PREVIOUS_LR.items()
-}
-"""Learning rates swept: a third of the previous default, it, and three times it."""
+
+
+def previous_lr(method: str) -> float:
+    """The default the sweep centres on: `PREVIOUS_LR`, or a newer method's registered default."""
+    return PREVIOUS_LR.get(method) or default_lr(method)
+
+
+def lr_grid(method: str) -> tuple[float, float, float]:
+    """Learning rates swept: a third of the previous default, it, and three times it."""
+    lr = previous_lr(method)
+    return (float(f"{lr / 3:.3g}"), lr, float(f"{lr * 3:.3g}"))
 
 
 @dataclass
@@ -176,9 +182,9 @@ def main(cfg: Config) -> dict[str, Any]:
     args = ["--world_preset", cfg.world_preset, *shlex.split(cfg.unlearn_args), "--seed", "0"]
     methods: dict[str, Any] = {}
     for method in cfg.methods:
-        base = PREVIOUS_LR[method]
+        base = previous_lr(method)
         candidates: dict[str, dict[str, Any]] = {}
-        for lr in LR_GRID[method]:
+        for lr in lr_grid(method):
             run_dir = out / method / f"lr{lr:g}"
             run, _ = run_keyed(
                 method,
