@@ -40,7 +40,6 @@ def test_choose_prefers_qualifying_then_excess_max_then_mean_then_the_default():
     assert choose(tie, 1.0, default="x") == "x"
 
 
-@pytest.mark.skipif(not RESULTS.exists(), reason="no committed dev sweep")
 def test_every_recipes_default_lr_is_the_dev_sweeps_choice():
     """Changing a default without rerunning `python -m benchmarks.tune_dev` fails here."""
     sweep = json.loads(RESULTS.read_text())

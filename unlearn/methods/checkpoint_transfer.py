@@ -241,7 +241,7 @@ REGISTRATION = Registration(
     build=build,
     summary="Checkpoint activation transfer: forget activations onto a near-chance checkpoint's.",
     data=lambda: DataConfig(batch_size=32),
-    training=lambda: TrainingConfig(num_steps=300, lr=1e-3),
+    training=lambda: TrainingConfig(num_steps=300, lr=3e-3),
     inputs=lambda cfg, model_cfg, data_cfg: {
         "models": {"teacher": cfg.teacher},
         "paths": {"maps_path": cfg.maps_path},

@@ -113,5 +113,5 @@ REGISTRATION = Registration(
     build=build,
     summary="Orthogonal circuit breakers: reroute forget activations, pooled ones orthogonal.",
     data=lambda: DataConfig(batch_size=32),
-    training=lambda: TrainingConfig(num_steps=300, lr=3e-3),
+    training=lambda: TrainingConfig(num_steps=300, lr=9e-3),
 )

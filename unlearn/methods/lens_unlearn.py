@@ -141,6 +141,6 @@ REGISTRATION = Registration(
     build=build,
     summary="Tuned-lens unlearning: every layer's lens prediction on forget text to max entropy.",
     data=lambda: DataConfig(batch_size=32),
-    training=lambda: TrainingConfig(num_steps=300, lr=3e-4),
+    training=lambda: TrainingConfig(num_steps=300, lr=9e-4),
     inputs=lambda cfg, model_cfg, data_cfg: {"paths": {"lens_path": cfg.lens_path}},
 )

@@ -238,6 +238,6 @@ REGISTRATION = Registration(
     build=build,
     summary="Probe unlearning: max entropy of early-checkpoint probes' decoded forget predictions.",
     data=lambda: DataConfig(batch_size=32),
-    training=lambda: TrainingConfig(num_steps=300, lr=5e-4, eval_every=100),
+    training=lambda: TrainingConfig(num_steps=300, lr=1.5e-3, eval_every=100),
     inputs=_inputs,
 )
