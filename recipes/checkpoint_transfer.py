@@ -66,7 +66,7 @@ class Config:
     any other: another recipe, config, model, data or code version)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=32))
-    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(num_steps=300, lr=1e-3))
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(num_steps=300, lr=3e-3))
     method: CheckpointTransferConfig = field(default_factory=CheckpointTransferConfig)
     teacher_revisions: list[str] | None = None
     """Checkpoints to sweep, oldest first (default: every saved checkpoint of the model but the

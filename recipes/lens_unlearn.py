@@ -32,7 +32,7 @@ class Config:
     any other: another recipe, config, model, data or code version)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=32))
-    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(num_steps=300, lr=3e-4))
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(num_steps=300, lr=9e-4))
     method: LensUnlearnConfig = field(default_factory=LensUnlearnConfig)
 
 

@@ -62,7 +62,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=32))
     training: TrainingConfig = field(
-        default_factory=lambda: TrainingConfig(num_steps=300, lr=5e-4, eval_every=100)
+        default_factory=lambda: TrainingConfig(num_steps=300, lr=1.5e-3, eval_every=100)
     )
     method: ProbeUnlearnConfig = field(default_factory=ProbeUnlearnConfig)
     teacher: str | None = None
