@@ -49,9 +49,13 @@ def test_leaderboard_rows_metrics_reuse_and_code_version(tiny_home, tmp_path, mo
     assert (tmp_path / "results" / "leaderboard.png").exists()
     assert "clean tree" in (tmp_path / "results" / "leaderboard.md").read_text() or payload["dirty"]
 
-    # A rerun reuses every unlearning run and attack (no unlearning time) and gives the same rows.
+    # A rerun reuses every unlearning run and attack (their results untouched, their recorded
+    # times reported) and gives the same rows.
+    results = tmp_path / "runs" / "lens_unlearn" / "seed0" / "run" / "results.json"
+    written = results.stat().st_mtime_ns
     again = leaderboard.main(_config(tmp_path))
-    assert again["wall_seconds"]["lens_unlearn"]["unlearn"] == 0.0
+    assert results.stat().st_mtime_ns == written
+    assert again["wall_seconds"] == payload["wall_seconds"]
     assert again["rows"] == payload["rows"]
 
     # Another code version misses every cache: the runs and the controls are recomputed.
@@ -69,3 +73,21 @@ def test_bad_leaderboard_settings_fail_before_running():
         leaderboard.Config(suite="nope")
     with pytest.raises(ValueError, match="seeds"):
         leaderboard.Config(seeds=0)
+
+
+def test_reused_runs_report_the_wall_seconds_recorded_when_they_ran(tmp_path):
+    """Fresh runs record their times next to the keyed runs; a rerun that reuses them (0 s now)
+    reports the recorded times while the runs' keys are the same, and its own otherwise."""
+    import json
+
+    from benchmarks.leaderboard import recorded_seconds
+
+    for seed, key in enumerate(("k0", "k1")):
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "key.json").write_text(json.dumps({"key": key}))
+    measured = {"unlearn": 12.0, "attack": 30.0}
+    assert recorded_seconds(tmp_path, 2, measured, fresh=True) == measured
+    reused = {"unlearn": 0.0, "attack": 0.5}
+    assert recorded_seconds(tmp_path, 2, reused, fresh=False) == measured
+    (tmp_path / "seed1" / "key.json").write_text(json.dumps({"key": "other"}))
+    assert recorded_seconds(tmp_path, 2, reused, fresh=False) == reused
