@@ -58,7 +58,7 @@ def test_rerun_with_another_config_refuses_before_loading(finished_run, tiny_hom
         lens_unlearn.main(cfg)
     message = str(error.value)
     for difference in (
-        "training.lr: 0.0003 -> 0.01",
+        "training.lr: 0.0009 -> 0.01",
         "training.seed: 0 -> 3",
         "method.forget_loss: 'random_ce' -> 'max_entropy'",
     ):
