@@ -97,6 +97,27 @@ def _trim(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def recorded_seconds(
+    method_dir: Path, seeds: int, measured: dict[str, float], fresh: bool
+) -> dict[str, float]:
+    """Wall seconds of a method's runs: measured now, or as recorded when its runs were made.
+
+    Runs reused from an earlier invocation take no time now; their times are kept in
+    `method_dir/wall_seconds.json` next to the keyed runs, valid while the runs' keys are the same.
+    """
+    keys = [
+        json.loads((method_dir / f"seed{s}" / "key.json").read_text())["key"] for s in range(seeds)
+    ]
+    path = method_dir / "wall_seconds.json"
+    if fresh:
+        path.write_text(json.dumps({"keys": keys, **measured}, indent=2) + "\n")
+        return measured
+    if path.exists() and json.loads(path.read_text())["keys"] == keys:
+        recorded = json.loads(path.read_text())
+        return {"unlearn": recorded["unlearn"], "attack": recorded["attack"]}
+    return measured
+
+
 def attack_seed(
     label: str, model_dir: Path, seed: int, cfg: Config, seed_dir: Path
 ) -> list[list[dict[str, Any]]]:
@@ -139,6 +160,7 @@ def main(cfg: Config) -> dict[str, Any]:
         ]
     for name in cfg.methods:
         records[name], seconds[name] = [], {"unlearn": 0.0, "attack": 0.0}
+        fresh = []
         for seed in range(cfg.seeds):
             seed_dir = out / name / f"seed{seed}"
             seed_args = [*args, "--seed", str(seed)]
@@ -148,6 +170,8 @@ def main(cfg: Config) -> dict[str, Any]:
             records[name].append(attack_seed(name, model_dir, seed, cfg, seed_dir))
             seconds[name]["unlearn"] += unlearn_seconds
             seconds[name]["attack"] += time.perf_counter() - attack_start
+            fresh.append(unlearn_seconds > 0)
+        seconds[name] = recorded_seconds(out / name, cfg.seeds, seconds[name], all(fresh))
 
     curves = {label: Curves.from_records(runs) for label, runs in records.items()}
     rows = bootstrap_metrics(curves, FILTERED, UNFILTERED, n_boot=cfg.n_boot)
