@@ -25,14 +25,14 @@ Commands:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
 from unlearn.experiment import TOYWORLD, DataConfig, ModelConfig, check_inputs, load_setup
 from unlearn.provenance import write_run_info
 from unlearn.runs import check_choices, run_recipe
-from unlearn.tamper import ATTACK_PRESETS
+from unlearn.tamper import ATTACK_PRESETS, AttackSettings
 from unlearn.tamper_report import PLOT_FILE, attack_report, plot_results, resolve_model
 
 
@@ -97,6 +97,12 @@ class Config:
             raise ValueError("; ".join(problems))
 
 
+ATTACK_FLAGS = tuple(
+    f.name for f in fields(Config) if f.name in {a.name for a in fields(AttackSettings)}
+)
+"""The flags that override the preset's `AttackSettings` (the fields both declare)."""
+
+
 def main(cfg: Config) -> dict:
     """Attack the model (and the controls); return tamper_results.json's contents."""
     check_choices(cfg)
@@ -105,21 +111,7 @@ def main(cfg: Config) -> dict:
         plot_results(cfg.plot_only, out / PLOT_FILE)
         print(f"wrote {out / PLOT_FILE}")
         return {}
-    overrides = {
-        k: v
-        for k in (
-            "num_steps",
-            "lr",
-            "schedule",
-            "warmup_steps",
-            "batch_size",
-            "lora_rank",
-            "precision",
-            "eval_every",
-            "seed",
-        )
-        if (v := getattr(cfg, k)) is not None
-    }
+    overrides = {k: v for k in ATTACK_FLAGS if (v := getattr(cfg, k)) is not None}
     settings = replace(ATTACK_PRESETS[cfg.preset], **overrides)
     write_run_info(out, asdict(cfg), attack_settings=asdict(settings))
 

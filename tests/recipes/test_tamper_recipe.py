@@ -157,3 +157,38 @@ def test_a_tamper_rerun_with_other_settings_recomputes_every_curve(tiny_home, tm
         rerun["controls"]["filtered twin (attacked)"]
         != first["controls"]["filtered twin (attacked)"]
     )
+
+
+def test_every_attack_flag_overrides_the_preset(tmp_path, monkeypatch):
+    """Each flag shared with `AttackSettings` replaces the preset's value (run_info records the
+    settings before any model loads)."""
+    import json
+
+    from simple_parsing import parse
+
+    from recipes import tamper
+
+    values = {
+        "num_steps": "7",
+        "lr": "0.002",
+        "schedule": "cosine",
+        "warmup_steps": "3",
+        "batch_size": "5",
+        "lora_rank": "4",
+        "precision": "bfloat16",
+        "eval_every": "2",
+        "seed": "9",
+    }
+    assert set(tamper.ATTACK_FLAGS) == set(values)
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stop before loading")
+
+    monkeypatch.setattr(tamper, "resolve_model", stop)
+    flags = [item for name, value in values.items() for item in (f"--{name}", value)]
+    cfg = parse(tamper.Config, args=["--out", str(tmp_path), "--preset", "lora", *flags])
+    with pytest.raises(RuntimeError, match="stop before loading"):
+        tamper.main(cfg)
+    settings = json.loads((tmp_path / "run_info.json").read_text())["attack_settings"]
+    for name, value in values.items():
+        assert str(settings[name]) == value or settings[name] == type(settings[name])(value), name
