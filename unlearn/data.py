@@ -171,6 +171,10 @@ class TokenizedDocuments:
             token_mask[r, :n] = torch.tensor(self.value_masks[i]) if use_value_mask else True
         return Batch(ids, attention, token_mask, torch.tensor(list(rows), dtype=torch.long))
 
+    def batches(self, size: int) -> list[Batch]:
+        """Every row in order, in consecutive batches of `size` rows (the last may be smaller)."""
+        return [self.batch(range(i, min(i + size, len(self)))) for i in range(0, len(self), size)]
+
 
 def tokenize_documents(
     tokenizer: Any,

@@ -349,7 +349,6 @@ def run_method(
         training=train_cfg,
         device=model_cfg.device,
         out_dir=out,
-        model_cfg=model_cfg,
         world=setup.world,
     )
     plan = method.build(method_cfg, context)

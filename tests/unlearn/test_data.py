@@ -175,3 +175,16 @@ def test_uneven_split_raises(tokenizer):
     batches = PairedBatches(_docs(tokenizer, 4), _docs(tokenizer, 4), batch_size=6)
     with pytest.raises(ValueError, match="multiple of 4"):
         batches.at(0, rank=0, world_size=2, micro=0, n_micro=2)
+
+
+def test_batches_cover_every_row_in_order_in_consecutive_batches():
+    """5 rows in batches of 2: rows [0, 1], [2, 3], [4]; each padded like `batch` pads them."""
+    docs = TokenizedDocuments(
+        ids=[[1] * n for n in (1, 2, 3, 4, 5)], value_masks=[[]] * 5, pad_id=0
+    )
+    batches = docs.batches(2)
+    assert [b.rows.tolist() for b in batches] == [[0, 1], [2, 3], [4]]
+    for b in batches:
+        expected = docs.batch(b.rows.tolist())
+        assert torch.equal(b.input_ids, expected.input_ids)
+        assert torch.equal(b.attention_mask, expected.attention_mask)

@@ -12,13 +12,20 @@ import torch
 
 from tests.conftest import TINY_TEXTS
 from tests.other_device import is_on_device, other_device
-from tests.unlearn.test_methods import MAPS, PROBES, REWRITTEN, TEACHER, TUNED_LENS, _config
-from unlearn.config import DataConfig, TrainingConfig
+from tests.unlearn.test_methods import (
+    MAPS,
+    PROBES,
+    REWRITTEN,
+    TEACHER,
+    TUNED_LENS,
+    _config,
+    _context,
+)
 from unlearn.data import PairedBatches, tokenize_documents
 from unlearn.lens import TunedLens, lens_kl, train_tuned_lens
 from unlearn.losses import random_target_ce_loss
 from unlearn.maps import AffineMap, load_maps, save_maps
-from unlearn.methods import REGISTRY, Context, registration
+from unlearn.methods import REGISTRY, registration
 from unlearn.tamper import AttackSettings, attack
 from unlearn.training import METRICS_FILE, LoraSettings, TrainResult, train_plan
 
@@ -67,19 +74,8 @@ def _pairs(tokenizer):
 def _train(name, cfg, model, tokenizer, out_dir, num_steps, **kwargs) -> list[TrainResult]:
     """Build the method as a run builds it (`build` reads the model, on its device) and train its
     phases with the training core: a phase of `num_steps` steps per phase of the plan."""
-    device = next(model.parameters()).device
-    context = Context(
-        model=model,
-        tokenizer=tokenizer,
-        source="tiny",
-        forget_docs=FORGET_DOCS,
-        retain_docs=RETAIN_DOCS,
-        items={},
-        data=DataConfig(max_len=MAX_LEN, batch_size=4),
-        training=TrainingConfig(num_steps=num_steps),
-        device=str(device),
-        out_dir=out_dir,
-    )
+    device = str(next(model.parameters()).device)
+    context = _context(model, tokenizer, out_dir, num_steps, device)
     plan = registration(name).build(cfg, context)
     return train_plan(model, plan.phases, _pairs(tokenizer), out_dir=out_dir, **kwargs)
 

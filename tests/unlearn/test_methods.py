@@ -182,7 +182,7 @@ def _config(name: str, kwargs: dict, tmp_path, model, tokenizer):
     return dataclasses.replace(registration(name).default_config(), **kwargs)
 
 
-def _context(model, tokenizer, tmp_path) -> Context:
+def _context(model, tokenizer, tmp_path, num_steps: int = 3, device: str = "cpu") -> Context:
     """What a run hands `build`: the tiny model, the contract's documents, no items."""
     return Context(
         model=model,
@@ -192,8 +192,8 @@ def _context(model, tokenizer, tmp_path) -> Context:
         retain_docs=RETAIN_DOCS,
         items={},
         data=DataConfig(max_len=MAX_LEN, batch_size=4),
-        training=TrainingConfig(num_steps=3),
-        device="cpu",
+        training=TrainingConfig(num_steps=num_steps),
+        device=device,
         out_dir=tmp_path,
     )
 

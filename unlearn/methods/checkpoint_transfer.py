@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 
 from interventions import Read
-from unlearn.checkpoints import TeacherChoice, choose_teacher
+from unlearn.checkpoints import TeacherChoice
 from unlearn.config import DataConfig, TrainingConfig
 from unlearn.data import tokenize_documents
 from unlearn.losses import activation_mse_loss
@@ -151,8 +151,7 @@ def fit_maps(cfg: CheckpointTransferConfig, ctx: Context, teacher: TeacherChoice
     """
     model = load_model(teacher.source, revision=teacher.revision, device=ctx.device).hf_model
     rows = tokenize_documents(ctx.tokenizer, ctx.retain_docs[: cfg.map_docs], ctx.data.max_len)
-    size = ctx.data.batch_size
-    batches = [rows.batch(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
+    batches = rows.batches(ctx.data.batch_size)
     fitted = fit_affine_maps(
         model,
         ctx.model,
@@ -204,27 +203,7 @@ def _print_maps(fitted: FittedMaps) -> None:
 
 def build(cfg: CheckpointTransferConfig, ctx: Context) -> Plan:
     """Select the teacher, fit the maps, and train one phase of activation transfer."""
-    # Items are read only to sweep (a given revision needs none).
-    forget_items, retain_items = ctx.tuning_items() if cfg.teacher_revision is None else ([], [])
-    teacher = choose_teacher(
-        cfg.teacher or ctx.source,
-        cfg.teacher_revision,
-        cfg.teacher_revisions,
-        forget_items,
-        retain_items,
-        ctx.out_dir / "teacher_sweep",
-        chance=cfg.chance,
-        margin=cfg.margin,
-        device=ctx.device,
-    )
-    info: dict[str, object] = {"selected_teacher": teacher.revision}
-    if teacher.score is not None:
-        info["teacher_forget_acc"] = teacher.score.forget_acc
-        retain = teacher.score.retain_acc
-        print(
-            f"teacher: {teacher.revision} (forget {teacher.score.forget_acc:.3f}"
-            + (f", retain {retain:.3f})" if retain is not None else ")")
-        )
+    teacher, info = ctx.choose_teacher(cfg, score_retain=True)
     maps_path = cfg.maps_path
     if maps_path is None and cfg.map_kind != "identity":
         maps_path = fit_maps(cfg, ctx, teacher)

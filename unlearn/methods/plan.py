@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from unlearn.checkpoints import TeacherChoice, choose_teacher
 from unlearn.config import DataConfig, ModelConfig, TrainingConfig
 from unlearn.methods.base import Method
 from unlearn.toyworld.world import DEV, ToyWorld
@@ -51,8 +52,6 @@ class Context:
     """Device of the model."""
     out_dir: Path
     """The run's output directory (preparations write their reports here)."""
-    model_cfg: ModelConfig = field(default_factory=ModelConfig)
-    """The model's config."""
     world: ToyWorld | None = None
     """The toy world the data came from (None for user-supplied data)."""
 
@@ -66,6 +65,42 @@ class Context:
         kind = "items" if "items" in self.items else self.data.eval_template
         splits = self.items[kind]
         return [*splits.get("forget_attack", []), *splits[DEV]], splits["retain"]
+
+    def choose_teacher(self, cfg: Any, *, score_retain: bool) -> tuple[TeacherChoice, dict]:
+        """The teacher checkpoint of a checkpoint-based method, and what to record about it.
+
+        `cfg` has the teacher settings of checkpoint transfer and probe unlearning (teacher,
+        teacher_revision, teacher_revisions, chance, margin); without a revision, the tuning
+        items decide (`unlearn.checkpoints.choose_teacher`; sweep in out_dir/teacher_sweep).
+
+        Args:
+            cfg: The method's settings.
+            score_retain: Score retain items in the sweep too (reported, never deciding).
+
+        Returns:
+            The choice, and {"selected_teacher", "teacher_forget_acc" when swept} for `Plan.info`.
+        """
+        forget, retain = self.tuning_items() if cfg.teacher_revision is None else ([], [])
+        teacher = choose_teacher(
+            cfg.teacher or self.source,
+            cfg.teacher_revision,
+            cfg.teacher_revisions,
+            forget,
+            retain if score_retain else None,
+            self.out_dir / "teacher_sweep",
+            chance=cfg.chance,
+            margin=cfg.margin,
+            device=self.device,
+        )
+        info: dict[str, Any] = {"selected_teacher": teacher.revision}
+        if teacher.score is not None:
+            info["teacher_forget_acc"] = teacher.score.forget_acc
+            retain_acc = teacher.score.retain_acc
+            print(
+                f"teacher: {teacher.revision} (forget {teacher.score.forget_acc:.3f}"
+                + (f", retain {retain_acc:.3f})" if retain_acc is not None else ")")
+            )
+        return teacher, info
 
 
 @dataclass(frozen=True)

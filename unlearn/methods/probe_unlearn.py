@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from interventions import Lens
-from unlearn.checkpoints import TeacherChoice, choose_teacher
+from unlearn.checkpoints import TeacherChoice
 from unlearn.config import DataConfig, ModelConfig, TrainingConfig
 from unlearn.data import tokenize_documents
 from unlearn.methods.base import FORGET, RAMPS, TRAINABLE, Node, RampName, Term
@@ -163,7 +163,7 @@ def fit_probes(cfg: ProbeUnlearnConfig, ctx: Context, teacher: TeacherChoice) ->
     _check_probe_docs(cfg.probe_docs, size)
     model = load_model(teacher.source, revision=teacher.revision, device=ctx.device).hf_model
     rows = tokenize_documents(ctx.tokenizer, ctx.forget_docs[: cfg.probe_docs], ctx.data.max_len)
-    batches = [rows.batch(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
+    batches = rows.batches(size)
     layers = cfg.layers or sorted(range(ctx.n_layers - 1, -1, -cfg.layer_stride))
     torch.manual_seed(ctx.training.seed)
     fit = train_probes(
@@ -210,23 +210,8 @@ def build(cfg: ProbeUnlearnConfig, ctx: Context) -> Plan:
     info: dict[str, object] = {}
     probe_path = cfg.probe_path
     if probe_path is None:
-        forget_items, _ = ctx.tuning_items()
         # Only forget accuracy decides; scoring retain items too would double the sweep's time.
-        teacher = choose_teacher(
-            cfg.teacher or ctx.source,
-            cfg.teacher_revision,
-            cfg.teacher_revisions,
-            forget_items,
-            None,
-            ctx.out_dir / "teacher_sweep",
-            chance=cfg.chance,
-            margin=cfg.margin,
-            device=ctx.device,
-        )
-        info["selected_teacher"] = teacher.revision
-        if teacher.score is not None:
-            info["teacher_forget_acc"] = teacher.score.forget_acc
-            print(f"teacher: {teacher.revision} (forget {teacher.score.forget_acc:.3f})")
+        teacher, info = ctx.choose_teacher(cfg, score_retain=False)
         probe_path = fit_probes(cfg, ctx, teacher)
     method = ProbeUnlearn(replace(cfg, probe_path=probe_path), ctx.n_layers, device=ctx.device)
     return Plan([Phase(method, ctx.training.num_steps)], info)

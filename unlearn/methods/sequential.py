@@ -200,7 +200,7 @@ def sequential_phases(cfg: SequentialConfig, model: nn.Module, steps_per_layer: 
 def build(cfg: SequentialConfig, ctx: Context) -> Plan:
     """One phase per block of `ctx.training.num_steps` steps (the step count is per block)."""
     phases = sequential_phases(cfg, ctx.model, ctx.training.num_steps)
-    return Plan(phases, {"phase_layers": [int(p.name.removeprefix("layer")) for p in phases]})
+    return Plan(phases, {"phase_layers": phase_layers(cfg, ctx.n_layers)})
 
 
 REGISTRATION = Registration(
