@@ -36,12 +36,13 @@ from typing import Any, Literal
 from simple_parsing import parse
 
 from recipes.unlearn import run_keyed
+from unlearn.config import from_dict
 from unlearn.experiment import DataConfig, ModelConfig, load_setup
 from unlearn.keys import content_key
 from unlearn.methods import REGISTRY
 from unlearn.plots import plot_recovery
 from unlearn.provenance import git_sha, machine, portable_paths
-from unlearn.tamper import suite
+from unlearn.tamper import AttackSettings, suite
 from unlearn.tamper_report import attack_report, control_records
 from unlearn.tamper_stats import CHANCE, Curves, bootstrap_metrics
 from unlearn.toyworld.world import unlearn_home
@@ -255,9 +256,10 @@ def leaderboard_table(payload: dict[str, Any]) -> str:
 def leaderboard_markdown(payload: dict[str, Any]) -> str:
     """leaderboard.md: provenance, what the columns mean, the table and the wall times."""
     cfg, mach = payload["config"], payload["machine"]
+    suite = {name: from_dict(AttackSettings, s) for name, s in payload["suite"].items()}
     attacks = ", ".join(
-        f"{name} ({'LoRA r' + str(s['lora_rank']) if s['lora_rank'] else 'full'}, lr {s['lr']:g})"
-        for name, s in payload["suite"].items()
+        f"{name} ({f'LoRA r{s.lora.lora_rank}' if s.lora.enabled else 'full'}, lr {s.optim.lr:g})"
+        for name, s in suite.items()
     )
     steps = next(iter(payload["suite"].values()))["num_steps"]
     times = "".join(

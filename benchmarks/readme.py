@@ -33,7 +33,9 @@ from typing import Any, NamedTuple
 from simple_parsing import parse
 
 from benchmarks.leaderboard import FILTERED, UNFILTERED, leaderboard_table
+from unlearn.config import from_dict
 from unlearn.provenance import REPO_ROOT
+from unlearn.tamper import AttackSettings
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 """The committed results directory."""
@@ -176,8 +178,8 @@ def tuned_lens_block(record: dict[str, Any]) -> str:
 
 def retain_ablation_block(record: dict[str, Any]) -> str:
     """The retain-term ablation's rows (retain_ablation_<method>.json) as a short table."""
-    settings = record["settings"]
-    attack = f"LoRA r{settings['lora_rank']}" if settings["lora_rank"] else "full fine-tune"
+    settings = from_dict(AttackSettings, record["settings"])
+    attack = f"LoRA r{settings.lora.lora_rank}" if settings.lora.enabled else "full fine-tune"
     lines = [
         "| model | held-out forget | retain | peak under attack | steps to filtered + 10 | "
         "collapsed |",
@@ -191,8 +193,8 @@ def retain_ablation_block(record: dict[str, Any]) -> str:
             f"{'yes' if row['collapsed'] else 'no'} |"
         )
     note = (
-        f"Accuracies in %. Attack: {attack} on attack-split forget text, lr {settings['lr']:g} "
-        f"{settings['schedule']}, {settings['num_steps']} steps, seed {settings['seed']}."
+        f"Accuracies in %. Attack: {attack} on attack-split forget text, lr {settings.optim.lr:g} "
+        f"{settings.optim.schedule}, {settings.num_steps} steps, seed {settings.seed}."
     )
     return "\n".join(lines) + "\n\n" + note
 

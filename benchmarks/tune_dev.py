@@ -110,7 +110,7 @@ class Config:
 
 def default_lr(name: str) -> float:
     """The method's committed default learning rate."""
-    return float(config_class(name)().training.lr)
+    return float(config_class(name)().training.optim.lr)
 
 
 def qualifies(metrics: dict[str, Any], unfiltered_retain: float) -> bool:

@@ -25,15 +25,27 @@ Commands:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+import argparse
+import functools
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import simple_parsing
 
 from unlearn.experiment import TOYWORLD, DataConfig, ModelConfig, check_inputs, load_setup
 from unlearn.provenance import write_run_info
-from unlearn.runs import check_choices, run_recipe
+from unlearn.runs import check_choices, parse_config, run_recipe
 from unlearn.tamper import ATTACK_PRESETS, AttackSettings
 from unlearn.tamper_report import PLOT_FILE, attack_report, plot_results, resolve_model
+
+PresetName = Literal["full", "lora", "repair_then_attack", "benign"]
+PRESET_HELP = (
+    "Attack preset (unlearn.tamper.ATTACK_PRESETS), read before the other flags: the attack "
+    "flags default to its settings."
+)
 
 
 @dataclass
@@ -45,26 +57,8 @@ class Config:
     Hugging Face name."""
     out: str = "runs/tamper"
     """Output directory (rerun the same command to resume)."""
-    preset: Literal["full", "lora", "repair_then_attack", "benign"] = "full"
-    """Attack preset (unlearn.tamper.ATTACK_PRESETS); the flags below override it."""
-    num_steps: int | None = None
-    """Attack steps."""
-    lr: float | None = None
-    """Peak learning rate."""
-    schedule: Literal["constant", "linear", "cosine"] | None = None
-    """Learning-rate schedule after warmup."""
-    warmup_steps: int | None = None
-    """Warmup steps."""
-    batch_size: int | None = None
-    """Rows per step."""
-    lora_rank: int | None = None
-    """LoRA rank (0: full fine-tune)."""
-    precision: Literal["float32", "bfloat16"] | None = None
-    """Autocast dtype."""
-    eval_every: int | None = None
-    """Steps between evaluations."""
-    seed: int | None = None
-    """Seed of the data order."""
+    attack: AttackSettings = field(default_factory=AttackSettings)
+    """The attack (flags --num_steps, --lr, --lora_rank, --batch_size, ...)."""
     controls: bool = True
     """Also attack the unfiltered model and the filtered twin and run a benign fine-tune
     (toy world only)."""
@@ -83,24 +77,50 @@ class Config:
     eval_items: str | None = None
     """Directory of forget_heldout.jsonl and retain.jsonl items for a non-toy model."""
 
-    def __post_init__(self) -> None:
-        at_least = {"num_steps": 1, "batch_size": 1, "warmup_steps": 0, "lora_rank": 0}
-        at_least["eval_every"] = 0
-        problems = [
-            f"--{name} must be >= {low}, got {value}"
-            for name, low in at_least.items()
-            if (value := getattr(self, name)) is not None and value < low
-        ]
-        if self.lr is not None and not self.lr > 0:
-            problems.append(f"--lr must be a positive number (0 trains nothing), got {self.lr}")
-        if problems:
-            raise ValueError("; ".join(problems))
+
+@functools.cache
+def config_class(preset: str = "full") -> type[Config]:
+    """`Config` plus `--preset`, with the attack flags defaulting to that preset's settings.
+
+    Raises:
+        ValueError: An unknown preset.
+    """
+    if preset not in ATTACK_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(ATTACK_PRESETS)}")
+    settings = ATTACK_PRESETS[preset]
+
+    def check(self: Any) -> None:
+        if self.preset != preset:
+            raise ValueError(
+                f"--preset {self.preset} cannot change the defaults already set by {preset!r}; "
+                "parse the flags with recipes.tamper.parse_args"
+            )
+
+    return make_dataclass(
+        f"Config_{preset}",
+        [
+            ("attack", AttackSettings, field(default_factory=lambda: settings)),
+            ("preset", PresetName, simple_parsing.field(default=preset, help=PRESET_HELP)),
+        ],
+        bases=(Config,),
+        namespace={
+            "__doc__": Config.__doc__,
+            "__module__": __name__,
+            "__post_init__": check,
+        },
+    )
 
 
-ATTACK_FLAGS = tuple(
-    f.name for f in fields(Config) if f.name in {a.name for a in fields(AttackSettings)}
-)
-"""The flags that override the preset's `AttackSettings` (the fields both declare)."""
+def parse_args(args: Sequence[str] | None = None) -> Config:
+    """The config of these flags: `--preset` first sets the attack flags' defaults."""
+    args = list(sys.argv[1:] if args is None else args)
+    return parse_config(config_class(_preset(args)), args)
+
+
+def _preset(args: Sequence[str]) -> str:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--preset", default="full", choices=sorted(ATTACK_PRESETS))
+    return parser.parse_known_args(args)[0].preset
 
 
 def main(cfg: Config) -> dict:
@@ -111,8 +131,7 @@ def main(cfg: Config) -> dict:
         plot_results(cfg.plot_only, out / PLOT_FILE)
         print(f"wrote {out / PLOT_FILE}")
         return {}
-    overrides = {k: v for k in ATTACK_FLAGS if (v := getattr(cfg, k)) is not None}
-    settings = replace(ATTACK_PRESETS[cfg.preset], **overrides)
+    settings = cfg.attack
     write_run_info(out, asdict(cfg), attack_settings=asdict(settings))
 
     defaults = ModelConfig(
@@ -167,4 +186,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    run_recipe(main, Config)
+    argv = sys.argv[1:]
+    run_recipe(main, config_class(_preset(argv)), argv)

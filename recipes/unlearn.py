@@ -23,12 +23,13 @@ import functools
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, field, make_dataclass, replace
+from dataclasses import asdict, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
 import simple_parsing
 
+from unlearn.config import replace_flat
 from unlearn.experiment import DataConfig, ModelConfig, TrainingConfig, run_method, summary_table
 from unlearn.keys import result_key
 from unlearn.methods import REGISTRY, registration
@@ -117,7 +118,7 @@ def run_keyed(
     run_dir = out / "run"
     cfg = parse_config(config_class(name), [*args, "--out", str(run_dir)])
     if retain_coef is not None:
-        cfg = replace(cfg, method=replace(cfg.method, retain_coef=retain_coef))
+        cfg = replace_flat(cfg, retain_coef=retain_coef)
     key = result_key({"recipe": name, "config": asdict(cfg)}, inputs)
     if prepare_keyed(out, key, done="run/results.json"):
         return run_dir, 0.0

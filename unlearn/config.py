@@ -5,16 +5,20 @@
 `TrainingConfig` (steps, optimizer, LoRA, evaluation and saving), and the settings the training
 core and the tamper attack take from it (`OptimSettings`, `LoraSettings`, `NonFinitePolicy`).
 Recipes nest them as `model`, `data` and `training`; their flags are flat on the command line
-(`--lr`, `--batch_size`).
+(`--lr`, `--batch_size`), and `replace_flat` sets nested fields by those same flat names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import torch
+
+ConfigT = TypeVar("ConfigT")
 
 NonFinitePolicy = Literal["stop", "skip"]
 """What a step with a NaN or infinite loss or gradient norm does: stop the run with the last
@@ -46,27 +50,42 @@ class OptimSettings:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number (0 trains nothing), got {self.lr}")
+            raise ValueError(f"--lr must be a positive number (0 trains nothing), got {self.lr}")
         if self.grad_accum < 1:
             raise ValueError(
-                f"grad_accum must be >= 1 (micro-batches per step), got {self.grad_accum}"
+                f"--grad_accum must be >= 1 (micro-batches per step), got {self.grad_accum}"
             )
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError(
-                "warmup_steps, grad_clip and weight_decay must be >= 0, got "
+                "--warmup_steps, --grad_clip and --weight_decay must be >= 0, got "
                 f"{self.warmup_steps}, {self.grad_clip}, {self.weight_decay}"
             )
 
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA adapters instead of full fine-tuning."""
+    """LoRA adapters instead of full fine-tuning (`lora_rank` 0: full fine-tuning)."""
 
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] | None = None
-    """Module names; None means every linear layer of a block (`LORA_TARGETS`)."""
+    lora_rank: int = 0
+    """LoRA rank; 0 fine-tunes every weight."""
+    lora_alpha: float = 16.0
+    """LoRA alpha."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    lora_targets: list[str] | None = None
+    """Module names; None means every linear layer of a block (`unlearn.training.LORA_TARGETS`)."""
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError(
+                f"--lora_rank must be >= 0 and --lora_dropout in [0, 1), got {self.lora_rank}, "
+                f"{self.lora_dropout}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether adapters are trained (a positive rank)."""
+        return self.lora_rank > 0
 
 
 TOYWORLD = "toyworld"
@@ -131,26 +150,10 @@ class TrainingConfig:
 
     num_steps: int = 200
     """Optimizer steps."""
-    lr: float = 3e-4
-    """Peak learning rate."""
-    optimizer: Literal["adamw", "muon"] = "adamw"
-    """AdamW, or Muon on 2-D weights with AdamW on the rest."""
-    weight_decay: float = 0.0
-    """Weight decay."""
-    warmup_steps: int = 10
-    """Linear warmup steps."""
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
-    """Learning rate after warmup: constant, or a linear or cosine decay to 0."""
-    grad_clip: float = 1.0
-    """Gradient-norm clip (0 disables)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
-    precision: Literal["float32", "bfloat16"] = "float32"
-    """Autocast dtype of forward passes."""
-    lora_rank: int = 0
-    """LoRA rank; 0 fine-tunes every weight."""
-    lora_alpha: float = 16.0
-    """LoRA alpha."""
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    """Optimizer and step settings (flags `--lr`, `--optimizer`, ...)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (flags `--lora_rank`, ...; rank 0 fine-tunes every weight)."""
     eval_every: int = 50
     """Steps between evaluations (0: start and end only)."""
     save_every: int = 50
@@ -162,32 +165,74 @@ class TrainingConfig:
     state ("stop"), or is skipped without an update ("skip"; counted as skipped_steps)."""
 
     def __post_init__(self) -> None:
-        counts = {"num_steps": self.num_steps, "grad_accum": self.grad_accum}
-        counts["save_every"] = self.save_every
         problems = [
-            f"--{name} must be >= 1, got {value}" for name, value in counts.items() if value < 1
+            f"--{name} must be >= 1, got {value}"
+            for name, value in {"num_steps": self.num_steps, "save_every": self.save_every}.items()
+            if value < 1
         ]
-        for name in ("eval_every", "warmup_steps", "lora_rank", "grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
-                problems.append(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            problems.append(f"--lr must be a positive number (0 trains nothing), got {self.lr}")
+        if self.eval_every < 0:
+            problems.append(f"--eval_every must be >= 0, got {self.eval_every}")
         if problems:
             raise ValueError("; ".join(problems))
 
-    def optim_settings(self) -> OptimSettings:
-        """The optimizer settings `unlearn.training.train` takes."""
-        return OptimSettings(
-            lr=self.lr,
-            optimizer=self.optimizer,
-            weight_decay=self.weight_decay,
-            warmup_steps=self.warmup_steps,
-            schedule=self.schedule,
-            grad_clip=self.grad_clip,
-            grad_accum=self.grad_accum,
-            precision=self.precision,
-        )
 
-    def lora_settings(self) -> LoraSettings | None:
-        """LoRA settings, or None for full fine-tuning (`lora_rank` 0)."""
-        return LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha) if self.lora_rank else None
+def _nested_type(hint: Any) -> type | None:
+    """The dataclass a field's type names (directly or in a union), if any."""
+    return next(
+        (c for c in (hint, *get_args(hint)) if dataclasses.is_dataclass(c)),
+        None,  # type: ignore[arg-type]
+    )
+
+
+def flat_names(cfg: Any) -> set[str]:
+    """Every setting name of a (nested) config dataclass, as its command-line flags name them."""
+    names = set()
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        is_group = dataclasses.is_dataclass(value) and not isinstance(value, type)
+        names |= flat_names(value) if is_group else {f.name}
+    return names
+
+
+def replace_flat(cfg: ConfigT, **values: Any) -> ConfigT:
+    """`cfg` with settings replaced by their flat (flag) names, nested groups included.
+
+    `replace_flat(lens_cfg, retain_coef=0.0, layers=[1])` sets `lens_cfg.retain.retain_coef` and
+    `lens_cfg.layers`; a whole group can still be replaced by its own name (`retain=...`).
+
+    Raises:
+        ValueError: A name that is not a setting of `cfg`; the message lists the settings.
+    """
+    rest = dict(values)
+    changes = {}
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        value = getattr(cfg, f.name)
+        if f.name in rest:
+            changes[f.name] = rest.pop(f.name)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            own = {k: rest.pop(k) for k in list(rest) if k in flat_names(value)}
+            if own:
+                changes[f.name] = replace_flat(value, **own)
+    if rest:
+        known = ", ".join(sorted(flat_names(cfg)))
+        raise ValueError(
+            f"{type(cfg).__name__} has no setting {', '.join(sorted(rest))}; its settings: {known}"
+        )
+    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
+
+
+def from_dict(config_cls: type[ConfigT], values: Mapping[str, Any]) -> ConfigT:
+    """The config that `dataclasses.asdict` made `values` from.
+
+    Nested mappings become config groups, and JSON lists of tuple fields tuples again.
+    """
+    hints = get_type_hints(config_cls)
+    kwargs = {}
+    for name, value in values.items():
+        nested = _nested_type(hints.get(name))
+        if nested is not None and isinstance(value, Mapping):
+            value = from_dict(nested, value)
+        elif isinstance(value, list) and tuple in (get_origin(hints.get(name)), hints.get(name)):
+            value = tuple(value)  # JSON has no tuples
+        kwargs[name] = value
+    return config_cls(**kwargs)

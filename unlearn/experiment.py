@@ -146,10 +146,11 @@ def check_inputs(
     if data_cfg is not None:
         if not is_toy:
             _check_data_given(model_cfg.model, data_cfg)
-        if train_cfg is not None and data_cfg.batch_size % train_cfg.grad_accum:
+        if train_cfg is not None and data_cfg.batch_size % train_cfg.optim.grad_accum:
             raise ValueError(
                 f"--batch_size {data_cfg.batch_size} does not split into --grad_accum "
-                f"{train_cfg.grad_accum} micro-batches; choose a multiple of {train_cfg.grad_accum}"
+                f"{train_cfg.optim.grad_accum} micro-batches; choose a multiple of "
+                f"{train_cfg.optim.grad_accum}"
             )
         for name in ("forget_data", "retain_data"):
             if (path := getattr(data_cfg, name)) is not None:
@@ -396,8 +397,8 @@ def _train_phases(
         plan.phases,
         batches,
         out_dir=out,
-        optim=train_cfg.optim_settings(),
-        lora=train_cfg.lora_settings(),
+        optim=train_cfg.optim,
+        lora=train_cfg.lora,
         seed=train_cfg.seed,
         desc=method.name,
         eval_fn=lambda m: evaluate(m, tokenizer, eval_items, headline),

@@ -217,7 +217,10 @@ def _choice_error(name: str, value: Any, choices: Sequence[Any]) -> str:
 
 
 def choice_errors(config_cls: type, values: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Values outside their field's `Literal` choices, in a nested mapping (a YAML preset).
+    """Unknown names and out-of-choice values in a nested mapping (a YAML preset).
+
+    A value outside its field's `Literal` choices is named with the allowed values; an unknown
+    name that is a setting of a nested group says which group it belongs to.
 
     Args:
         config_cls: The dataclass the mapping fills.
@@ -228,6 +231,7 @@ def choice_errors(config_cls: type, values: Mapping[str, Any], prefix: str = "")
     errors = []
     for name, value in values.items():
         if name not in hints:
+            errors.append(_unknown_setting(config_cls, hints, str(name), prefix))
             continue
         hint = hints[name]
         nested = _dataclass_type(hint)
@@ -238,6 +242,18 @@ def choice_errors(config_cls: type, values: Mapping[str, Any], prefix: str = "")
         if choices is not None and value not in choices:
             errors.append(_choice_error(prefix + name, value, choices))
     return errors
+
+
+def _unknown_setting(config_cls: type, hints: dict[str, Any], name: str, prefix: str) -> str:
+    """Where a preset key that `config_cls` lacks belongs: a nested group's setting, or nowhere."""
+    for group, hint in hints.items():
+        nested = _dataclass_type(hint)
+        if nested is not None and name in {f.name for f in dataclasses.fields(nested)}:
+            return f"{prefix}{name} belongs to a group: write it as {prefix}{group}.{name}"
+    return (
+        f"{prefix}{name} is not a setting of {config_cls.__name__}; its settings: "
+        + ", ".join(hints)
+    )
 
 
 def check_choices(cfg: Any) -> None:

@@ -36,11 +36,12 @@ import numpy as np
 from torch import nn
 
 from interventions import Read
+from unlearn.config import LoraSettings, OptimSettings
 from unlearn.data import PairedBatches, tokenize_documents
 from unlearn.eval import encode_credit, evaluate_mc, reporting
 from unlearn.losses import next_token_nll_loss
 from unlearn.methods.base import CONSTANT, FORGET, TRAINABLE, Term
-from unlearn.training import LoraSettings, OptimSettings, train
+from unlearn.training import train
 
 RESULTS_FILE = "tamper_results.json"
 FORGET_SPLITS = ("forget_test", "forget_dev")
@@ -56,26 +57,14 @@ class AttackSettings:
     """Fine-tune on the forget domain's attack documents, or on retain text (the benign control)."""
     num_steps: int = 300
     """Optimizer steps of the attack."""
-    lr: float = 3e-4
-    """Peak learning rate."""
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
-    """Learning rate after warmup."""
-    warmup_steps: int = 10
-    """Linear warmup steps."""
+    optim: OptimSettings = field(default_factory=lambda: OptimSettings(weight_decay=0.01))
+    """Optimizer and step settings (AdamW with the reference attack's weight decay 0.01)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (rank 0: a full fine-tune)."""
     batch_size: int = 16
     """Rows per optimizer step."""
     max_len: int = 128
     """Longest row in tokens."""
-    weight_decay: float = 0.01
-    """AdamW weight decay (the reference attack's 0.01)."""
-    grad_clip: float = 1.0
-    """Gradient-norm clip (0 disables)."""
-    lora_rank: int = 0
-    """LoRA rank; 0 fine-tunes every weight."""
-    lora_alpha: float = 16.0
-    """LoRA alpha."""
-    precision: Literal["float32", "bfloat16"] = "float32"
-    """Autocast dtype of the forward passes."""
     repair_steps: int = 0
     """Retain fine-tuning steps (same optimizer settings) before the attack: repair-then-attack."""
     eval_every: int = 25
@@ -91,13 +80,12 @@ class AttackSettings:
         Raises:
             ValueError: Non-positive steps, batch or learning rate, or a negative count.
         """
-        if self.num_steps < 1 or self.batch_size < 1 or self.lr <= 0:
+        if self.num_steps < 1 or self.batch_size < 1:
             raise ValueError(
-                f"num_steps ({self.num_steps}), batch_size ({self.batch_size}) and lr ({self.lr}) "
-                "must be positive"
+                f"num_steps ({self.num_steps}) and batch_size ({self.batch_size}) must be positive"
             )
-        if min(self.repair_steps, self.eval_every, self.warmup_steps, self.lora_rank) < 0:
-            raise ValueError("repair_steps, eval_every, warmup_steps and lora_rank must be >= 0")
+        if min(self.repair_steps, self.eval_every) < 0:
+            raise ValueError("repair_steps and eval_every must be >= 0")
 
     def eval_steps(self) -> list[int]:
         """Every step evaluated: 0, the early steps, multiples of `eval_every` and the last."""
@@ -107,13 +95,14 @@ class AttackSettings:
 
     def describe(self) -> str:
         """A one-line summary for plot titles."""
-        adapter = f"LoRA r{self.lora_rank}" if self.lora_rank else "full FT"
+        adapter = f"LoRA r{self.lora.lora_rank}" if self.lora.enabled else "full FT"
+        optim = self.optim
         parts = [
             f"{adapter} on {'attack-split forget' if self.data == 'forget' else 'retain'} text",
-            f"lr {self.lr:g} {self.schedule}, warmup {self.warmup_steps}",
+            f"lr {optim.lr:g} {optim.schedule}, warmup {optim.warmup_steps}",
             f"batch {self.batch_size}x{self.max_len}",
             f"{self.num_steps} steps",
-            self.precision,
+            optim.precision,
             f"seed {self.seed}",
         ]
         if self.repair_steps:
@@ -127,7 +116,9 @@ class AttackSettings:
 
 ATTACK_PRESETS: dict[str, AttackSettings] = {
     "full": AttackSettings(),
-    "lora": AttackSettings(lr=1e-3, lora_rank=16, lora_alpha=16.0),
+    "lora": AttackSettings(
+        optim=OptimSettings(lr=1e-3, weight_decay=0.01), lora=LoraSettings(lora_rank=16)
+    ),
     "repair_then_attack": AttackSettings(repair_steps=100),
     "benign": AttackSettings(data="retain"),
 }
@@ -140,10 +131,10 @@ for recovery from any fine-tune)."""
 
 ATTACK_SUITES: dict[str, dict[str, AttackSettings]] = {
     "default": {
-        "full_lr1e-4": AttackSettings(lr=1e-4),
-        "full_lr3e-4": AttackSettings(lr=3e-4),
-        "full_lr1e-3": AttackSettings(lr=1e-3),
-        "lora_lr1e-3": AttackSettings(lr=1e-3, lora_rank=16, lora_alpha=16.0),
+        "full_lr1e-4": AttackSettings(optim=OptimSettings(lr=1e-4, weight_decay=0.01)),
+        "full_lr3e-4": AttackSettings(optim=OptimSettings(lr=3e-4, weight_decay=0.01)),
+        "full_lr1e-3": AttackSettings(optim=OptimSettings(lr=1e-3, weight_decay=0.01)),
+        "lora_lr1e-3": ATTACK_PRESETS["lora"],
     },
 }
 """Named attack suites: attacks on attack-split text with one step budget and evaluation schedule.
@@ -187,17 +178,6 @@ class FineTune:
     )
 
 
-def _optim(settings: AttackSettings) -> OptimSettings:
-    return OptimSettings(
-        lr=settings.lr,
-        weight_decay=settings.weight_decay,
-        warmup_steps=settings.warmup_steps,
-        schedule=settings.schedule,
-        grad_clip=settings.grad_clip,
-        precision=settings.precision,
-    )
-
-
 def _finetune(
     model: nn.Module,
     tokenizer: Any,
@@ -209,19 +189,14 @@ def _finetune(
     desc: str = "tamper",
 ) -> nn.Module:
     rows = tokenize_documents(tokenizer, docs, settings.max_len)
-    lora = (
-        LoraSettings(rank=settings.lora_rank, alpha=settings.lora_alpha)
-        if settings.lora_rank
-        else None
-    )
     result = train(
         model,
         FineTune(),
         PairedBatches(rows, rows, settings.batch_size, seed=settings.seed),
         num_steps=num_steps,
         out_dir=out_dir,
-        optim=_optim(settings),
-        lora=lora,
+        optim=settings.optim,
+        lora=settings.lora,
         eval_fn=eval_fn,
         eval_every=settings.eval_every,
         eval_steps=settings.eval_steps(),

@@ -33,6 +33,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+from unlearn.config import from_dict
 from unlearn.experiment import ModelConfig, Setup
 from unlearn.keys import content_key, result_key, settings_key
 from unlearn.models import load_model
@@ -356,9 +357,7 @@ def plot_results(paths: list[str | Path], out_path: str | Path) -> Path:
         label = payload.get("label", str(path))
         curves[label if label not in curves else f"{label} ({path})"] = payload["records"]
     curves.update(payloads[0].get("controls", {}))
-    settings = AttackSettings(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in payloads[0]["settings"].items()}
-    )
+    settings = from_dict(AttackSettings, payloads[0]["settings"])
     return plot_recovery(
         curves,
         out_path,

@@ -114,7 +114,7 @@ def block_lora(model: nn.Module, lora: LoraSettings, layers: Sequence[int]) -> L
         ValueError: The model type has no default LoRA targets and none were given.
     """
     model_type = getattr(model.config, "model_type", "?")
-    targets = lora.target_modules or LORA_TARGETS.get(model_type)
+    targets = lora.lora_targets or LORA_TARGETS.get(model_type)
     if targets is None:
         raise ValueError(f"no default LoRA targets for model_type {model_type!r}; pass some")
     full = tuple(
@@ -123,7 +123,7 @@ def block_lora(model: nn.Module, lora: LoraSettings, layers: Sequence[int]) -> L
         for name, _ in model.get_submodule(path).named_modules()
         if name.rpartition(".")[2] in targets
     )
-    return replace(lora, target_modules=full)
+    return replace(lora, lora_targets=full)
 
 
 def distributed_context() -> tuple[int, int]:
@@ -146,16 +146,16 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     model_type = getattr(model.config, "model_type", "?")
-    targets = settings.target_modules or LORA_TARGETS.get(model_type)
+    targets = settings.lora_targets or LORA_TARGETS.get(model_type)
     if targets is None:
         raise ValueError(
-            f"no default LoRA targets for model_type {model_type!r}; pass target_modules "
+            f"no default LoRA targets for model_type {model_type!r}; pass lora_targets "
             f"(known defaults: {sorted(LORA_TARGETS)})"
         )
     config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
         target_modules=list(targets),
         bias="none",
     )
@@ -615,7 +615,8 @@ def train(
         num_steps: Optimizer steps.
         out_dir: Where state and `metrics.jsonl` go.
         optim: Optimizer settings.
-        lora: Train LoRA adapters (merged into the returned model) instead of all weights.
+        lora: Train LoRA adapters (merged into the returned model) instead of all weights
+            (None, or rank 0: every weight).
         eval_fn: Called on the model (rank 0) at step 0, every `eval_every` steps and at the end;
             its numbers are logged as `eval/<key>`.
         eval_every: Steps between evaluations (0: only at the start and the end).
@@ -635,6 +636,7 @@ def train(
             weights did (the last finite state is kept).
         RunMismatchError: `out_dir` holds the state of a run with other settings or `run_key`.
     """
+    lora = lora if lora is not None and lora.enabled else None
     rank, world_size = distributed_context()
     n_micro = world_size * optim.grad_accum
     _check_arguments(
@@ -688,7 +690,8 @@ def train_plan(
         batches: Paired forget/retain batches, used by every phase.
         out_dir: Root of the phases' output directories.
         optim: Optimizer settings of every phase.
-        lora: LoRA adapters instead of full fine-tuning (merged at the end of each phase).
+        lora: LoRA adapters instead of full fine-tuning (merged at the end of each phase; None,
+            or rank 0: every weight).
         seed: The run's seed; a phase trains with seed + its `seed_offset`.
         desc: Progress-bar label.
         **train_kwargs: Further arguments of `train` (eval_fn, eval_every, save_every,
@@ -697,6 +700,7 @@ def train_plan(
     Returns:
         Each phase's `TrainResult`; the last one's model is the unlearned model.
     """
+    lora = lora if lora is not None and lora.enabled else None
     results = []
     for phase in phases:
         phase_lora = lora

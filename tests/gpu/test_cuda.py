@@ -46,7 +46,7 @@ def test_every_method_trains_on_cuda(case, use_lora, dtype, tiny_lm, tmp_path):
     name = case.split("-")[0]
     cfg = _config(name, CASES[case], tmp_path, model, tokenizer)
     optim = OptimSettings(lr=1e-3, warmup_steps=1, precision=dtype)
-    kwargs = dict(num_steps=3, optim=optim, lora=LoraSettings(rank=4) if use_lora else None)
+    kwargs = dict(num_steps=3, optim=optim, lora=LoraSettings(lora_rank=4) if use_lora else None)
     results = _train(name, cfg, copy.deepcopy(model).cuda(), tokenizer, tmp_path / "gpu", **kwargs)
     assert all(p.is_cuda for p in results[-1].model.parameters())
     gpu = _losses(tmp_path / "gpu")

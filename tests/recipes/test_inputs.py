@@ -21,6 +21,7 @@ from recipes import (
     tamper,
     tuned_lens,
 )
+from unlearn.config import replace_flat
 from unlearn.methods import LensUnlearnConfig
 from unlearn.runs import parse_config, run_recipe
 
@@ -58,7 +59,7 @@ def test_rerun_with_another_config_refuses_before_loading(finished_run, tiny_hom
         lens_unlearn.main(cfg)
     message = str(error.value)
     for difference in (
-        "training.lr: 0.0009 -> 0.01",
+        "training.optim.lr: 0.0009 -> 0.01",
         "training.seed: 0 -> 3",
         "method.forget_loss: 'random_ce' -> 'max_entropy'",
     ):
@@ -138,7 +139,7 @@ def test_bad_inputs_fail_before_any_model_loads(tiny_home, tmp_path, monkeypatch
             lens_unlearn.main(cfg)
 
     typo = lens_unlearn.Config(out=str(tmp_path / "typo"))
-    typo.method = LensUnlearnConfig(forget_ramp="linaer")  # type: ignore[arg-type]
+    typo.method = replace_flat(LensUnlearnConfig(), forget_ramp="linaer")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"forget_ramp \(--forget_ramp\) is 'linaer'.*'constant'"):
         lens_unlearn.main(typo)
 
@@ -154,8 +155,10 @@ def test_bad_numbers_and_preset_choices_are_config_errors(tmp_path, capsys):
         with pytest.raises(ValueError, match=f"{flag} must be"):
             parse(lens_unlearn.Config, args=[flag, value])
     preset = tmp_path / "typo.yaml"
-    preset.write_text("method:\n  retain_ramp: retain_warmpu\n")
-    with pytest.raises(ValueError, match=r"typo\.yaml: method\.retain_ramp .*'retain_warmpu'"):
+    preset.write_text("method:\n  retain:\n    retain_ramp: retain_warmpu\n")
+    with pytest.raises(
+        ValueError, match=r"typo\.yaml: method\.retain\.retain_ramp .*'retain_warmpu'"
+    ):
         parse_config(lens_unlearn.Config, ["--config_path", str(preset)])
 
     with pytest.raises(SystemExit):

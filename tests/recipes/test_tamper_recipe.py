@@ -4,14 +4,14 @@ import json
 import shutil
 
 import pytest
-from simple_parsing import parse
 
 from recipes import tamper
 from tests.conftest import absolute_path_strings
+from unlearn.config import flat_names, from_dict
 from unlearn.eval import evaluate_mc, reporting
 from unlearn.models import load_model
 from unlearn.provenance import resolve_path, write_run_info
-from unlearn.tamper import AttackSettings
+from unlearn.tamper import ATTACK_PRESETS, AttackSettings
 from unlearn.tamper_report import control_key
 
 TINY = ["--world_preset", "tiny", "--num_steps", "2", "--batch_size", "4", "--eval_every", "1"]
@@ -19,7 +19,7 @@ TINY = ["--world_preset", "tiny", "--num_steps", "2", "--batch_size", "4", "--ev
 
 def test_tamper_recipe_with_controls_and_plot_only(tiny_home, tmp_path):
     out = tmp_path / "attack"
-    report = tamper.main(parse(tamper.Config, args=["--out", str(out), *TINY]))
+    report = tamper.main(tamper.parse_args(["--out", str(out), *TINY]))
     on_disk = json.loads((out / "tamper_results.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     assert [r["step"] for r in report["records"]] == [0, 1, 2]
@@ -42,9 +42,7 @@ def test_tamper_recipe_with_controls_and_plot_only(tiny_home, tmp_path):
     assert info["attack_settings"]["num_steps"] == 2 and "git_sha" in info
 
     # The controls are cached in the world under their key, and hold the reported curves.
-    settings = AttackSettings(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in report["settings"].items()}
-    )
+    settings = from_dict(AttackSettings, report["settings"])
     items = {"forget_test": tiny_home.test_items(), "retain": tiny_home.items("retain")}
     for name, label in (
         ("unfiltered", "unfiltered (attacked)"),
@@ -56,9 +54,8 @@ def test_tamper_recipe_with_controls_and_plot_only(tiny_home, tmp_path):
 
     redraw = tmp_path / "redraw"
     tamper.main(
-        parse(
-            tamper.Config,
-            args=["--out", str(redraw), "--plot_only", str(out / "tamper_results.json")],
+        tamper.parse_args(
+            ["--out", str(redraw), "--plot_only", str(out / "tamper_results.json")],
         )
     )
     assert (redraw / "tamper.png").read_bytes() == (out / "tamper.png").read_bytes()
@@ -73,7 +70,7 @@ def test_tamper_recipe_attacks_a_run_directory(tiny_home, tmp_path):
     write_run_info(run, {"model": {"model": "toyworld", "world_preset": "tiny", "world_seed": 0}})
     out = tmp_path / "attack"
     args = ["--model", str(run), "--out", str(out), "--controls", "false", *TINY]
-    report = tamper.main(parse(tamper.Config, args=args))
+    report = tamper.main(tamper.parse_args(args))
     assert report["controls"] == {} and report["label"] == "run"
     # The attacked run directory is recorded portably, and reads back as that directory.
     info = json.loads((out / "run_info.json").read_text())
@@ -90,7 +87,7 @@ def test_plot_only_of_a_file_without_records_fails(tmp_path):
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"settings": {}, "records": []}))
     with pytest.raises(ValueError, match="no tamper records"):
-        tamper.main(parse(tamper.Config, args=["--out", str(tmp_path), "--plot_only", str(empty)]))
+        tamper.main(tamper.parse_args(["--out", str(tmp_path), "--plot_only", str(empty)]))
 
 
 def test_retain_ablation_runs_both_and_attacks_them(tiny_home, tmp_path):
@@ -110,8 +107,8 @@ def test_retain_ablation_runs_both_and_attacks_them(tiny_home, tmp_path):
     ]
     with_retain = json.loads((out / "with_retain" / "run" / "run_info.json").read_text())
     without = json.loads((out / "retain_0" / "run" / "run_info.json").read_text())
-    assert with_retain["config"]["method"]["retain_coef"] == 1.0
-    assert without["config"]["method"]["retain_coef"] == 0.0
+    assert with_retain["config"]["method"]["retain"]["retain_coef"] == 1.0
+    assert without["config"]["method"]["retain"]["retain_coef"] == 0.0
     # Step 0 of each attack is the unlearned model as results.json reports it.
     for subdir, r in zip(("with_retain", "retain_0"), rows, strict=False):
         results = json.loads((out / subdir / "run" / "results.json").read_text())
@@ -144,13 +141,11 @@ def test_a_tamper_rerun_with_other_settings_recomputes_every_curve(tiny_home, tm
     the attack's outputs are keyed by its settings, so the model's curve and the controls' are
     those of a fresh run at the new rate."""
     flags = [*TINY, "--controls", "true"]
-    first = tamper.main(parse(tamper.Config, args=["--out", str(tmp_path / "a"), *flags]))
+    first = tamper.main(tamper.parse_args(["--out", str(tmp_path / "a"), *flags]))
     args = ["--out", str(tmp_path / "a"), *flags, "--lr", "0.05"]
-    rerun = tamper.main(parse(tamper.Config, args=args))
-    fresh = tamper.main(
-        parse(tamper.Config, args=["--out", str(tmp_path / "b"), *flags, "--lr", "0.05"])
-    )
-    assert rerun["settings"]["lr"] == 0.05
+    rerun = tamper.main(tamper.parse_args(args))
+    fresh = tamper.main(tamper.parse_args(["--out", str(tmp_path / "b"), *flags, "--lr", "0.05"]))
+    assert rerun["settings"]["optim"]["lr"] == 0.05
     assert rerun["records"] == fresh["records"] != first["records"]
     assert rerun["controls"] == fresh["controls"]
     assert (
@@ -160,35 +155,47 @@ def test_a_tamper_rerun_with_other_settings_recomputes_every_curve(tiny_home, tm
 
 
 def test_every_attack_flag_overrides_the_preset(tmp_path, monkeypatch):
-    """Each flag shared with `AttackSettings` replaces the preset's value (run_info records the
-    settings before any model loads)."""
-    import json
-
-    from simple_parsing import parse
-
-    from recipes import tamper
-
+    """`--preset` sets the attack flags' defaults and each flag of `AttackSettings` (nested
+    optimizer and LoRA groups included) replaces the preset's value; run_info records the
+    settings before any model loads."""
     values = {
+        "data": "retain",
         "num_steps": "7",
         "lr": "0.002",
+        "optimizer": "muon",
+        "weight_decay": "0.1",
         "schedule": "cosine",
         "warmup_steps": "3",
-        "batch_size": "5",
-        "lora_rank": "4",
+        "grad_clip": "0.5",
+        "grad_accum": "5",
         "precision": "bfloat16",
+        "lora_rank": "4",
+        "lora_alpha": "8.0",
+        "lora_dropout": "0.1",
+        "batch_size": "5",
+        "max_len": "64",
+        "repair_steps": "2",
         "eval_every": "2",
         "seed": "9",
     }
-    assert set(tamper.ATTACK_FLAGS) == set(values)
+    lists = {"betas": ["0.8", "0.9"], "early_evals": ["1", "3"], "lora_targets": ["q", "v"]}
+    assert set(values) | set(lists) == flat_names(AttackSettings())
 
     def stop(*args, **kwargs):
         raise RuntimeError("stop before loading")
 
     monkeypatch.setattr(tamper, "resolve_model", stop)
+    assert tamper.parse_args(["--preset", "lora"]).attack == ATTACK_PRESETS["lora"]
     flags = [item for name, value in values.items() for item in (f"--{name}", value)]
-    cfg = parse(tamper.Config, args=["--out", str(tmp_path), "--preset", "lora", *flags])
+    flags += [item for name, value in lists.items() for item in (f"--{name}", *value)]
+    cfg = tamper.parse_args(["--out", str(tmp_path), "--preset", "lora", *flags])
     with pytest.raises(RuntimeError, match="stop before loading"):
         tamper.main(cfg)
-    settings = json.loads((tmp_path / "run_info.json").read_text())["attack_settings"]
+    recorded = json.loads((tmp_path / "run_info.json").read_text())["attack_settings"]
+    settings = {**recorded, **recorded["optim"], **recorded["lora"]}
     for name, value in values.items():
-        assert str(settings[name]) == value or settings[name] == type(settings[name])(value), name
+        assert str(settings[name]) == value, name
+    for name, value in lists.items():
+        assert [str(v) for v in settings[name]] == value, name
+    with pytest.raises(ValueError, match="--preset lora cannot change the defaults"):
+        tamper.config_class("full")(preset="lora")

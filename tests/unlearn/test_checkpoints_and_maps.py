@@ -5,6 +5,7 @@ import torch
 
 from tests.conftest import TINY_TEXTS
 from unlearn.checkpoints import CheckpointScore, select_checkpoint, sweep_checkpoints, write_sweep
+from unlearn.config import replace_flat
 from unlearn.data import tokenize_documents
 from unlearn.maps import AffineStats, fit_affine_maps
 from unlearn.models import list_checkpoints
@@ -140,8 +141,12 @@ def test_checkpoint_transfer_forget_term_is_masked_mse_to_the_mapped_teacher(tin
     save_maps({0: shift}, tmp_path / "maps")
     for maps_path, target in ((None, h_teacher), (str(tmp_path / "maps"), h_teacher + 0.5)):
         method = CheckpointTransfer(
-            Config(
-                teacher=str(tmp_path / "teacher"), maps_path=maps_path, layers=[0], retain_coef=0.0
+            replace_flat(
+                Config(),
+                teacher=str(tmp_path / "teacher"),
+                maps_path=maps_path,
+                layers=[0],
+                retain_coef=0.0,
             ),
             n_layers=2,
         )

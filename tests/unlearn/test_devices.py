@@ -106,7 +106,7 @@ def test_one_training_step_on_another_device_matches_the_cpu(case, use_lora, tin
     name = case.split("-")[0]
     torch.manual_seed(1)
     cfg = _config(name, CASES[case], tmp_path, model, tokenizer)
-    lora = LoraSettings(rank=4) if use_lora else None
+    lora = LoraSettings(lora_rank=4) if use_lora else None
     kwargs = dict(num_steps=2, optim=dict_optim(), lora=lora, seed=3)
 
     _train(name, cfg, copy.deepcopy(model), tokenizer, tmp_path / "cpu", **kwargs)

@@ -25,7 +25,7 @@ import torch
 
 from interventions import StepGraph
 from tests.conftest import TINY_TEXTS
-from unlearn.config import DataConfig, TrainingConfig
+from unlearn.config import DataConfig, TrainingConfig, from_dict, replace_flat
 from unlearn.data import PairedBatches, tokenize_documents
 from unlearn.lens import TunedLens
 from unlearn.maps import AffineMap, save_maps
@@ -179,7 +179,7 @@ def _config(name: str, kwargs: dict, tmp_path, model, tokenizer):
         ]
         path.write_text("".join(json.dumps({"text": text}) + "\n" for text in twins))
         kwargs = {**kwargs, "rewritten_data": str(path)}
-    return dataclasses.replace(registration(name).default_config(), **kwargs)
+    return replace_flat(registration(name).default_config(), **kwargs)
 
 
 def _context(model, tokenizer, tmp_path, num_steps: int = 3, device: str = "cpu") -> Context:
@@ -215,7 +215,7 @@ def _wire(model, tokenizer, cfg, name: str, use_lora: bool, tmp_path):
     base = copy.deepcopy(model).eval().requires_grad_(True)
     trainable = copy.deepcopy(model).requires_grad_(True)
     if use_lora:
-        trainable = add_lora(trainable, LoraSettings(rank=4))
+        trainable = add_lora(trainable, LoraSettings(lora_rank=4))
     trainable.train()
     # Circuit breakers have a zero gradient exactly at θ0 (cos(h, h) = 1 is a maximum and
     # ‖h − h0‖ = 0); a small perturbation of the trainable weights makes every gradient informative.
@@ -288,7 +288,7 @@ def test_unweighted_terms_at_theta0_match_hand_values(name, kwargs, tiny_lm, bat
     - every retain term (KL, L2) is 0 against an identical model.
     """
     model, tokenizer = tiny_lm
-    cfg = registration(name).config(**kwargs)
+    cfg = replace_flat(registration(name).config(), **kwargs)
     method = _build(name, cfg, model, tokenizer, tmp_path)
     base = copy.deepcopy(model).eval().requires_grad_(False)
     step = StepGraph(list(method.nodes)).compile({TRAINABLE: copy.deepcopy(model), BASE: base})
@@ -451,13 +451,17 @@ def test_one_step_lowers_the_forget_objective(name, kwargs, use_lora, tiny_lm, b
 
 @pytest.mark.parametrize("name, kwargs", [(n, kw) for n in REGISTRY for kw in VARIANTS[n]])
 def test_config_round_trips(name, kwargs):
-    """asdict -> constructor gives an equal config; so does the CLI built from its fields."""
+    """asdict -> from_dict gives an equal config; so does the CLI built from its flat settings."""
     config_cls = registration(name).config
-    cfg = dataclasses.replace(registration(name).default_config(), **kwargs)
-    assert config_cls(**dataclasses.asdict(cfg)) == cfg
+    cfg = replace_flat(registration(name).default_config(), **kwargs)
+    assert from_dict(config_cls, dataclasses.asdict(cfg)) == cfg
+
+    def flat(values):
+        for key, value in values.items():
+            yield from flat(value) if isinstance(value, dict) else [(key, value)]
 
     args = []
-    for key, value in dataclasses.asdict(cfg).items():
+    for key, value in flat(dataclasses.asdict(cfg)):
         if value is None:
             continue  # None is the default of every optional field
         args += (
@@ -474,8 +478,8 @@ def test_config_parse_sets_nondefault_values():
     cfg = simple_parsing.parse(
         config_cls, args=["--layers", "0", "1", "--orth_coef", "0", "--retain_loss", "kl"]
     )
-    assert cfg.layers == [0, 1] and cfg.orth_coef == 0.0 and cfg.retain_loss == "kl"
-    assert cfg.forget_coef == config_cls().forget_coef
+    assert cfg.layers == [0, 1] and cfg.orth_coef == 0.0 and cfg.retain.retain_loss == "kl"
+    assert cfg.forget.forget_coef == config_cls().forget.forget_coef
 
 
 def test_ramp_values_by_hand():
@@ -511,7 +515,7 @@ def test_term_weight_is_coef_times_ramp():
 
 def test_method_configs_choose_their_ramps(tiny_lm, tmp_path):
     model, tokenizer = tiny_lm
-    lens_cfg = registration("lens_unlearn").config(forget_coef=5.0, retain_coef=2.0)
+    lens_cfg = replace_flat(registration("lens_unlearn").config(), forget_coef=5.0, retain_coef=2.0)
     lens = _build("lens_unlearn", lens_cfg, model, tokenizer, tmp_path)
     weights = {term.name: term.weight(1.0) for term in lens.terms}
     assert weights == pytest.approx({"forget": 5.0 * 0.75, "retain": 2.0 * 1.0})
@@ -525,10 +529,12 @@ def test_method_configs_choose_their_ramps(tiny_lm, tmp_path):
 
 
 def test_zero_coefficients_drop_terms_and_their_reads():
-    orth_only = CircuitBreakers(CircuitBreakersConfig(forget_coef=0.0, retain_coef=0.0), N_LAYERS)
+    orth_only = CircuitBreakers(
+        replace_flat(CircuitBreakersConfig(), forget_coef=0.0, retain_coef=0.0), N_LAYERS
+    )
     assert [term.name for term in orth_only.terms] == ["orth"]
     assert [node.name for node in orth_only.nodes] == ["forget_acts"]
-    forget_only = LensUnlearn(LensUnlearnConfig(retain_coef=0.0), N_LAYERS)
+    forget_only = LensUnlearn(replace_flat(LensUnlearnConfig(), retain_coef=0.0), N_LAYERS)
     assert [term.name for term in forget_only.terms] == ["forget"]
     assert all(node.batch == FORGET for node in forget_only.nodes)
 

@@ -7,6 +7,7 @@ import torch
 
 from interventions import StepGraph
 from tests.conftest import TINY_TEXTS
+from unlearn.config import replace_flat
 from unlearn.data import tokenize_documents
 from unlearn.methods import BASE, FORGET, RETAIN, TRAINABLE, ProbeUnlearn, ProbeUnlearnConfig
 from unlearn.probe import (
@@ -126,7 +127,7 @@ def test_max_entropy_term_by_hand(tiny_lm, batches, tmp_path):
     model, _ = tiny_lm
     probes = _probes(model.config.hidden_size)
     path = save_probes(probes, tmp_path / "probes")
-    cfg = ProbeUnlearnConfig(probe_path=str(path), layers=[1], retain_coef=0.0)
+    cfg = replace_flat(ProbeUnlearnConfig(), probe_path=str(path), layers=[1], retain_coef=0.0)
     method = ProbeUnlearn(cfg, N_LAYERS)
     assert [term.name for term in method.terms] == ["forget"]
     step = StepGraph(list(method.nodes)).compile({TRAINABLE: copy.deepcopy(model)})

@@ -15,6 +15,7 @@ import torch
 from interventions import StepGraph
 from tests.conftest import TINY_TEXTS
 from unlearn.alignment import align_tokens
+from unlearn.config import from_dict, replace_flat
 from unlearn.data import PairedBatches, tokenize_documents
 from unlearn.methods.base import BASE, FORGET, RETAIN, TRAINABLE
 from unlearn.methods.rewritten_transfer import (
@@ -164,7 +165,9 @@ def test_rewritten_ce_at_the_first_rewrite_is_the_twins_own_ce(tiny_lm, setup):
     model, _ = tiny_lm
     forget, rewritten, batches = setup
     targets = rewritten_targets(model, forget, rewritten, layers=[1])
-    cfg = RewrittenTransferConfig(layers=[1], rewritten_ce_coef=1.0, retain_coef=0.0)
+    cfg = replace_flat(
+        RewrittenTransferConfig(), layers=[1], rewritten_ce_coef=1.0, retain_coef=0.0
+    )
     method = RewrittenTransfer(cfg, 2, targets)
     _, _, step = _wire(model, method)
     rows = batches[FORGET].rows.tolist()
@@ -187,7 +190,9 @@ def test_every_term_carries_gradient_to_trainable_only(tiny_lm, setup, retain_lo
     model, _ = tiny_lm
     forget, rewritten, batches = setup
     targets = rewritten_targets(model, forget, rewritten, layers=[0, 1], sites=SITES)
-    cfg = RewrittenTransferConfig(sites=SITES, rewritten_ce_coef=0.5, retain_loss=retain_loss)
+    cfg = replace_flat(
+        RewrittenTransferConfig(), sites=SITES, rewritten_ce_coef=0.5, retain_loss=retain_loss
+    )
     method = RewrittenTransfer(cfg, 2, targets)
     trainable, base, step = _wire(model, method)
     with torch.no_grad():  # move off θ0 so the retain terms have a gradient too
@@ -212,7 +217,9 @@ def test_one_step_lowers_each_forget_term(tiny_lm, setup, term):
     model, _ = tiny_lm
     forget, rewritten, batches = setup
     targets = rewritten_targets(model, forget, rewritten, layers=[1])
-    cfg = RewrittenTransferConfig(layers=[1], rewritten_ce_coef=1.0, retain_coef=0.0)
+    cfg = replace_flat(
+        RewrittenTransferConfig(), layers=[1], rewritten_ce_coef=1.0, retain_coef=0.0
+    )
     method = RewrittenTransfer(cfg, 2, targets)
     trainable, _, step = _wire(model, method)
     before = _losses(method, step, batches)[term]
@@ -262,14 +269,15 @@ def _tokenizer(tiny_lm):
 
 
 def test_config_round_trips():
-    cfg = RewrittenTransferConfig(
+    cfg = replace_flat(
+        RewrittenTransferConfig(),
         layers=[1, 2],
         sites=("hook_mlp_out", "unembed"),
         rewritten_ce_coef=0.5,
         retain_loss="l2",
         matched_only=True,
     )
-    assert RewrittenTransferConfig(**dataclasses.asdict(cfg)) == cfg
+    assert from_dict(RewrittenTransferConfig, dataclasses.asdict(cfg)) == cfg
     args = ["--layers", "1", "2", "--sites", "hook_mlp_out", "unembed", "--rewritten_ce_coef"]
     args += ["0.5", "--retain_loss", "l2", "--matched_only", "true"]
     assert simple_parsing.parse(RewrittenTransferConfig, args=args) == cfg

@@ -17,6 +17,7 @@ from simple_parsing import parse
 
 from interventions import StepGraph
 from tests.conftest import TINY_TEXTS
+from unlearn.config import replace_flat
 from unlearn.data import PairedBatches, tokenize_documents
 from unlearn.losses import max_entropy_loss, random_target_ce_loss, top_k_entropy_loss
 from unlearn.methods.base import BASE, FORGET, RAMPS, RETAIN, TRAINABLE, extra_models
@@ -129,7 +130,7 @@ def test_gradients_reach_only_the_phase_blocks(tiny_lm, batches, maintain, retai
         for name, param in trainable.named_parameters():
             if name in _block_params(trainable, [1]):
                 param.add_(0.05 * torch.randn_like(param))
-    cfg = SequentialConfig(maintain_unlearned=maintain, retain_loss=retain_loss)
+    cfg = replace_flat(SequentialConfig(), maintain_unlearned=maintain, retain_loss=retain_loss)
     kept = kept_layers(cfg, N_LAYERS, 0)
     assert kept == ([1, 0] if maintain else [0])
     names = set_trainable_layers_(trainable, kept)
@@ -150,7 +151,7 @@ def test_gradients_reach_only_the_phase_blocks(tiny_lm, batches, maintain, retai
 
 def _run(model, docs, out, steps=2, **kwargs):
     """Sequential unlearning as a run does it: the phases of `model`, then `train_plan`."""
-    cfg = kwargs.pop("cfg", SequentialConfig(forget_coef=2.0))
+    cfg = kwargs.pop("cfg", replace_flat(SequentialConfig(), forget_coef=2.0))
     phases = sequential_phases(cfg, model, steps_per_layer=steps)
     results = train_plan(
         model,
@@ -167,7 +168,7 @@ def _run(model, docs, out, steps=2, **kwargs):
 def test_phases_run_back_to_front_and_restart_their_schedules(tiny_lm, docs, tmp_path, use_lora):
     model, _ = tiny_lm
     trained = copy.deepcopy(model)
-    lora = LoraSettings(rank=2) if use_lora else None
+    lora = LoraSettings(lora_rank=2) if use_lora else None
     phases, results = _run(trained, docs, tmp_path, steps=3, lora=lora)
     assert [phase.name for phase in phases] == ["layer1", "layer0"]
     assert [phase.method.layer for phase in phases] == [1, 0]

@@ -12,6 +12,7 @@ import torch
 
 import unlearn.tamper as tamper_module
 import unlearn.training as training_module
+from unlearn.config import replace_flat
 from unlearn.experiment import DataConfig, ModelConfig, load_setup
 from unlearn.tamper import (
     ATTACK_PRESETS,
@@ -152,7 +153,9 @@ def test_resumed_attack_gives_the_same_curve(tiny_home, tmp_path, monkeypatch):
 
 def test_lora_attack_changes_the_model(tiny_setup, tmp_path):
     before = {k: v.clone() for k, v in tiny_setup.loaded.hf_model.state_dict().items()}
-    settings = AttackSettings(num_steps=2, batch_size=4, lora_rank=4, lr=1e-2, eval_every=0)
+    settings = replace_flat(
+        AttackSettings(), num_steps=2, batch_size=4, lora_rank=4, lr=1e-2, eval_every=0
+    )
     records, model = attack(
         tiny_setup.loaded.hf_model.float(),
         tiny_setup.loaded.tokenizer,

@@ -21,6 +21,7 @@ from torch import nn
 
 from interventions import Read
 from tests.conftest import TINY_TEXTS
+from unlearn.config import replace_flat
 from unlearn.data import PairedBatches, TokenizedDocuments, tokenize_documents
 from unlearn.methods import FORGET, REGISTRY, TRAINABLE, LensUnlearn, Stacked, Term
 from unlearn.training import (
@@ -41,7 +42,7 @@ def _method(**kwargs):
     """lens_unlearn with the exact max-entropy forget loss unless told otherwise (the hand
     computations below use it)."""
     kwargs.setdefault("forget_loss", "max_entropy")
-    return LensUnlearn(REGISTRY["lens_unlearn"].config(**kwargs), N_LAYERS)
+    return LensUnlearn(replace_flat(REGISTRY["lens_unlearn"].config(), **kwargs), N_LAYERS)
 
 
 def _documents(tokenizer, lengths: list[int], max_len: int = 24):
@@ -186,7 +187,7 @@ def test_train_rejects_bad_arguments(tiny_lm, data, tmp_path):
     class Unknown(nn.Module):
         config = type("Config", (), {"model_type": "unknown_arch"})()
 
-    with pytest.raises(ValueError, match="target_modules"):
+    with pytest.raises(ValueError, match="lora_targets"):
         add_lora(Unknown(), LoraSettings())
 
 
@@ -220,7 +221,7 @@ def test_resume_after_kill_matches_uninterrupted_run(
     kwargs = dict(
         num_steps=5,
         optim=OptimSettings(lr=3e-3, warmup_steps=3, grad_accum=2),
-        lora=LoraSettings(rank=4) if use_lora else None,
+        lora=LoraSettings(lora_rank=4) if use_lora else None,
         save_every=2,
     )
     batches = PairedBatches(*data, batch_size=4)
@@ -297,7 +298,7 @@ def test_lora_init_does_not_depend_on_the_global_generator(tiny_lm, data, tmp_pa
                 PairedBatches(*data, batch_size=2),
                 num_steps=1,
                 out_dir=tmp_path / str(draw),
-                lora=LoraSettings(rank=4),
+                lora=LoraSettings(lora_rank=4),
                 optim=OptimSettings(lr=1e-2, warmup_steps=0),
             )
         )
@@ -318,7 +319,7 @@ def test_resume_with_other_trainable_parameters_raises(tiny_lm, data, tmp_path):
             batches,
             num_steps=2,
             out_dir=tmp_path,
-            lora=LoraSettings(rank=4),
+            lora=LoraSettings(lora_rank=4),
         )
 
 

@@ -94,6 +94,20 @@ class Term:
         return self.coef * self.ramp(progress)
 
 
+@dataclass
+class ForgetSettings:
+    """The weight of a method's forget term (nested as `forget` in every method's config)."""
+
+    forget_coef: float = 1.0
+    """Peak forget coefficient."""
+    forget_ramp: RampName = "forget_decay"
+    """Forget coefficient schedule (a key of `RAMPS`)."""
+
+    def term(self, fn: TermFn, name: str = "forget") -> Term:
+        """`fn` weighted by these settings."""
+        return Term(name, fn, self.forget_coef, RAMPS[self.forget_ramp])
+
+
 @runtime_checkable
 class Method(Protocol):
     """The contract every method satisfies (runtime-checkable, for beartype/jaxtyping checks).

@@ -20,20 +20,20 @@ to maps/svcca.json).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 
 from interventions import Read
 from unlearn.checkpoints import TeacherChoice
-from unlearn.config import DataConfig, TrainingConfig
+from unlearn.config import DataConfig, OptimSettings, TrainingConfig
 from unlearn.data import tokenize_documents
 from unlearn.losses import activation_mse_loss
 from unlearn.maps import FittedMaps, fit_affine_maps, load_maps, save_maps
-from unlearn.methods.base import FORGET, RAMPS, TRAINABLE, Node, RampName, Term
+from unlearn.methods.base import FORGET, TRAINABLE, ForgetSettings, Node, Term
 from unlearn.methods.plan import Context, Phase, Plan, Registration
-from unlearn.methods.retain import RetainLoss, retain_component
+from unlearn.methods.retain import RetainSettings
 from unlearn.models import load_model
 
 TEACHER = "teacher"
@@ -70,18 +70,11 @@ class CheckpointTransferConfig:
     """Retain documents to fit the maps on (the last fifth held out for the MSE report)."""
     layers: list[int] | None = None
     """Target layers (block outputs); None means every layer."""
-    retain_loss: RetainLoss = "kl"
-    """Retain objective."""
-    forget_coef: float = 1.0
-    """Peak forget (MSE) coefficient."""
-    retain_coef: float = 1.0
-    """Peak retain coefficient."""
-    forget_ramp: RampName = "forget_decay"
-    """Forget coefficient schedule."""
-    retain_ramp: RampName = "retain_warmup"
-    """Retain coefficient schedule."""
-    retain_layers: list[int] | None = None
-    """Layers of the L2 retain loss; None means every layer."""
+
+    forget: ForgetSettings = field(default_factory=ForgetSettings)
+    """Forget-term weight and schedule."""
+    retain: RetainSettings = field(default_factory=RetainSettings)
+    """Retain term."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.svcca_variance <= 1.0:
@@ -134,12 +127,10 @@ class CheckpointTransfer:
                 )
             return activation_mse_loss(acts["forget_acts"], targets, forget.token_mask)
 
-        retain = retain_component(
-            cfg.retain_loss, cfg.retain_layers or "all", cfg.retain_coef, RAMPS[cfg.retain_ramp]
-        )
+        retain = cfg.retain.component()
         self.nodes: tuple[Node, ...] = (*nodes, *retain.nodes)
         self.terms: tuple[Term, ...] = (
-            Term("forget", forget_term, cfg.forget_coef, RAMPS[cfg.forget_ramp]),
+            cfg.forget.term(forget_term),
             *retain.terms,
         )
 
@@ -220,7 +211,7 @@ REGISTRATION = Registration(
     build=build,
     summary="Checkpoint activation transfer: forget activations onto a near-chance checkpoint's.",
     data=lambda: DataConfig(batch_size=32),
-    training=lambda: TrainingConfig(num_steps=300, lr=3e-3),
+    training=lambda: TrainingConfig(num_steps=300, optim=OptimSettings(lr=3e-3)),
     inputs=lambda cfg, model_cfg, data_cfg: {
         "models": {"teacher": cfg.teacher},
         "paths": {"maps_path": cfg.maps_path},

@@ -13,15 +13,24 @@ Breakers", plus the reference's within-batch orthogonality term):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from interventions import Read
-from unlearn.config import DataConfig, TrainingConfig
+from unlearn.config import DataConfig, OptimSettings, TrainingConfig
 from unlearn.kernels import orthogonality_loss_fused
 from unlearn.losses import circuit_breaker_loss
-from unlearn.methods.base import BASE, FORGET, RAMPS, TRAINABLE, Node, RampName, Term
+from unlearn.methods.base import (
+    BASE,
+    FORGET,
+    RAMPS,
+    TRAINABLE,
+    ForgetSettings,
+    Node,
+    RampName,
+    Term,
+)
 from unlearn.methods.plan import Context, Phase, Plan, Registration
-from unlearn.methods.retain import RetainLoss, retain_component
+from unlearn.methods.retain import RetainSettings
 
 
 @dataclass
@@ -30,26 +39,18 @@ class CircuitBreakersConfig:
 
     layers: list[int] | None = None
     """Target layers of the forget and orthogonality terms; None means every layer but block 0."""
-    retain_layers: list[int] | None = None
-    """Layers of the L2 retain term; None means every layer."""
-    forget_coef: float = 1.0
-    """Peak circuit-breaker (cosine) coefficient."""
     orth_coef: float = 1.0
     """Peak orthogonality coefficient (0: plain circuit breakers)."""
-    retain_coef: float = 1.0
-    """Peak retain coefficient."""
     ref_jitter: float = 0.01
     """Relative scale of the seeded random perturbation of the frozen forget activations in the
     cosine term (`unlearn.losses.circuit_breaker_loss`): at the original weights the cosine has
     zero gradient, and without it the first steps follow floating-point noise. 0: the reference."""
-    retain_loss: RetainLoss = "l2"
-    """Retain objective."""
-    forget_ramp: RampName = "forget_decay"
-    """Forget coefficient schedule (a key of `unlearn.methods.base.RAMPS`)."""
     orth_ramp: RampName = "ramp_up"
     """Orthogonality coefficient schedule."""
-    retain_ramp: RampName = "retain_warmup"
-    """Retain coefficient schedule."""
+    forget: ForgetSettings = field(default_factory=ForgetSettings)
+    """Forget-term weight and schedule."""
+    retain: RetainSettings = field(default_factory=lambda: RetainSettings(retain_loss="l2"))
+    """Retain term."""
 
 
 class CircuitBreakers:
@@ -67,7 +68,7 @@ class CircuitBreakers:
             Read("forget_acts", site, layers=layers, model=TRAINABLE, batch=FORGET)
         ]
         terms = []
-        if cfg.forget_coef:
+        if cfg.forget.forget_coef:
             nodes.append(
                 Read("forget_ref_acts", site, layers=layers, model=BASE, batch=FORGET, grad=False)
             )
@@ -80,8 +81,8 @@ class CircuitBreakers:
                         forget.token_mask,
                         ref_jitter=cfg.ref_jitter,
                     ),
-                    cfg.forget_coef,
-                    RAMPS[cfg.forget_ramp],
+                    cfg.forget.forget_coef,
+                    RAMPS[cfg.forget.forget_ramp],
                 )
             )
         if cfg.orth_coef:
@@ -95,9 +96,7 @@ class CircuitBreakers:
                     RAMPS[cfg.orth_ramp],
                 )
             )
-        retain = retain_component(
-            cfg.retain_loss, cfg.retain_layers or "all", cfg.retain_coef, RAMPS[cfg.retain_ramp]
-        )
+        retain = cfg.retain.component()
         self.nodes: tuple[Node, ...] = (*nodes, *retain.nodes)
         self.terms: tuple[Term, ...] = (*terms, *retain.terms)
 
@@ -113,5 +112,5 @@ REGISTRATION = Registration(
     build=build,
     summary="Orthogonal circuit breakers: reroute forget activations, pooled ones orthogonal.",
     data=lambda: DataConfig(batch_size=32),
-    training=lambda: TrainingConfig(num_steps=300, lr=9e-3),
+    training=lambda: TrainingConfig(num_steps=300, optim=OptimSettings(lr=9e-3)),
 )

@@ -22,12 +22,19 @@ from jaxtyping import Bool
 from torch import Tensor, nn
 
 from interventions import Lens
-from unlearn.config import DataConfig, TrainingConfig
+from unlearn.config import DataConfig, OptimSettings, TrainingConfig
 from unlearn.lens import SITE, TunedLens
 from unlearn.losses import ce_maximization_loss, max_entropy_loss, random_target_ce_loss
-from unlearn.methods.base import FORGET, RAMPS, TRAINABLE, Node, RampName, Term, TermFn
+from unlearn.methods.base import (
+    FORGET,
+    TRAINABLE,
+    ForgetSettings,
+    Node,
+    Term,
+    TermFn,
+)
 from unlearn.methods.plan import Context, Phase, Plan, Registration
-from unlearn.methods.retain import RetainLoss, retain_component
+from unlearn.methods.retain import RetainSettings
 
 
 @dataclass
@@ -40,18 +47,10 @@ class LensUnlearnConfig:
     """Directory of a tuned lens (`python -m recipes.tuned_lens`); None uses the logit lens."""
     forget_loss: Literal["max_entropy", "random_ce", "ce_max"] = "random_ce"
     """Forget objective on each layer's lens prediction."""
-    retain_loss: RetainLoss = "kl"
-    """Retain objective."""
-    forget_coef: float = 1.0
-    """Peak forget coefficient."""
-    retain_coef: float = 1.0
-    """Peak retain coefficient."""
-    forget_ramp: RampName = "forget_decay"
-    """Forget coefficient schedule (a key of `unlearn.methods.base.RAMPS`)."""
-    retain_ramp: RampName = "retain_warmup"
-    """Retain coefficient schedule."""
-    retain_layers: list[int] | None = field(default=None)
-    """Layers of the L2 retain loss; None means every layer."""
+    forget: ForgetSettings = field(default_factory=ForgetSettings)
+    """Forget-term weight and schedule."""
+    retain: RetainSettings = field(default_factory=RetainSettings)
+    """Retain term."""
 
 
 def predicting(token_mask: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
@@ -120,12 +119,10 @@ class LensUnlearn:
             batch=FORGET,
         )
         forget_term = lens_forget_term(cfg.forget_loss, "forget_lens")
-        retain = retain_component(
-            cfg.retain_loss, cfg.retain_layers or "all", cfg.retain_coef, RAMPS[cfg.retain_ramp]
-        )
+        retain = cfg.retain.component()
         self.nodes: tuple[Node, ...] = (forget_node, *retain.nodes)
         self.terms: tuple[Term, ...] = (
-            Term("forget", forget_term, cfg.forget_coef, RAMPS[cfg.forget_ramp]),
+            cfg.forget.term(forget_term),
             *retain.terms,
         )
 
@@ -141,6 +138,6 @@ REGISTRATION = Registration(
     build=build,
     summary="Tuned-lens unlearning: every layer's lens prediction on forget text to max entropy.",
     data=lambda: DataConfig(batch_size=32),
-    training=lambda: TrainingConfig(num_steps=300, lr=9e-4),
+    training=lambda: TrainingConfig(num_steps=300, optim=OptimSettings(lr=9e-4)),
     inputs=lambda cfg, model_cfg, data_cfg: {"paths": {"lens_path": cfg.lens_path}},
 )

@@ -21,19 +21,19 @@ reporting held-out MSE next to the identity map's (probes/ in the run's output).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 
 from interventions import Lens
 from unlearn.checkpoints import TeacherChoice
-from unlearn.config import DataConfig, ModelConfig, TrainingConfig
+from unlearn.config import DataConfig, ModelConfig, OptimSettings, TrainingConfig
 from unlearn.data import tokenize_documents
-from unlearn.methods.base import FORGET, RAMPS, TRAINABLE, Node, RampName, Term
+from unlearn.methods.base import FORGET, TRAINABLE, ForgetSettings, Node, Term
 from unlearn.methods.lens_unlearn import lens_forget_term
 from unlearn.methods.plan import Context, Phase, Plan, Registration
-from unlearn.methods.retain import RetainLoss, retain_component
+from unlearn.methods.retain import RetainSettings
 from unlearn.models import load_model
 from unlearn.probe import SITE, load_probes, save_probes, train_probes
 
@@ -48,18 +48,6 @@ class ProbeUnlearnConfig:
     """Probed layers to unlearn through; None means every layer the probes cover."""
     forget_loss: Literal["max_entropy", "random_ce"] = "max_entropy"
     """Forget objective on each probe's decoded prediction."""
-    retain_loss: RetainLoss = "kl"
-    """Retain objective."""
-    forget_coef: float = 1.0
-    """Peak forget coefficient."""
-    retain_coef: float = 1.0
-    """Peak retain coefficient."""
-    forget_ramp: RampName = "forget_decay"
-    """Forget coefficient schedule (a key of `unlearn.methods.base.RAMPS`)."""
-    retain_ramp: RampName = "retain_warmup"
-    """Retain coefficient schedule."""
-    retain_layers: list[int] | None = None
-    """Layers of the L2 retain loss; None means every layer."""
     teacher: str | None = None
     """Teacher model (default: the model being unlearned, at one of its checkpoints)."""
     teacher_revision: str | None = None
@@ -88,6 +76,11 @@ class ProbeUnlearnConfig:
     layer_stride: int = 2
     """Without `layers`, probe every layer_stride-th block counting down from the last (4 blocks,
     stride 2: blocks 3 and 1). With `probe_path`, the probes' own layers are used."""
+
+    forget: ForgetSettings = field(default_factory=ForgetSettings)
+    """Forget-term weight and schedule."""
+    retain: RetainSettings = field(default_factory=RetainSettings)
+    """Retain term."""
 
     def __post_init__(self) -> None:
         if self.layer_stride < 1:
@@ -141,12 +134,10 @@ class ProbeUnlearn:
             batch=FORGET,
         )
         forget_term = lens_forget_term(cfg.forget_loss, "forget_probe")
-        retain = retain_component(
-            cfg.retain_loss, cfg.retain_layers or "all", cfg.retain_coef, RAMPS[cfg.retain_ramp]
-        )
+        retain = cfg.retain.component()
         self.nodes: tuple[Node, ...] = (forget_node, *retain.nodes)
         self.terms: tuple[Term, ...] = (
-            Term("forget", forget_term, cfg.forget_coef, RAMPS[cfg.forget_ramp]),
+            cfg.forget.term(forget_term),
             *retain.terms,
         )
 
@@ -223,6 +214,6 @@ REGISTRATION = Registration(
     build=build,
     summary="Probe unlearning: max entropy of early-checkpoint probes' decoded forget predictions.",
     data=lambda: DataConfig(batch_size=32),
-    training=lambda: TrainingConfig(num_steps=300, lr=1.5e-3, eval_every=100),
+    training=lambda: TrainingConfig(num_steps=300, optim=OptimSettings(lr=1.5e-3), eval_every=100),
     inputs=_inputs,
 )

@@ -2,6 +2,8 @@
 
 `retain_component(kind, layers, coef, ramp)` returns the nodes and the term for one retain loss, so
 every method offers the same three choices with the same, padding-free math (`unlearn.losses`).
+`RetainSettings` is the config group every method nests as `retain` (flags `--retain_loss`,
+`--retain_coef`, `--retain_ramp`, `--retain_layers`); its `component()` builds the term.
 """
 
 from __future__ import annotations
@@ -12,7 +14,17 @@ from typing import Literal
 
 from interventions import Read
 from unlearn.losses import logit_kl_loss, next_token_nll_loss, representation_l2_loss
-from unlearn.methods.base import BASE, CONSTANT, RETAIN, TRAINABLE, Node, Ramp, Term
+from unlearn.methods.base import (
+    BASE,
+    CONSTANT,
+    RAMPS,
+    RETAIN,
+    TRAINABLE,
+    Node,
+    Ramp,
+    RampName,
+    Term,
+)
 
 RetainLoss = Literal["kl", "nll", "l2"]
 """KL to the frozen model's logits, next-token NLL, or L2 distance of residual activations."""
@@ -89,3 +101,26 @@ def retain_component(
     else:
         raise ValueError(f"unknown retain loss {kind!r}; choose kl, nll or l2")
     return RetainComponent(nodes, (term,))
+
+
+@dataclass
+class RetainSettings:
+    """The retain term of a method (nested as `retain` in every method's config)."""
+
+    retain_loss: RetainLoss = "kl"
+    """Retain objective: KL to the frozen model's logits, next-token NLL, or L2 of activations."""
+    retain_coef: float = 1.0
+    """Peak retain coefficient (0 drops the term: the retain ablation)."""
+    retain_ramp: RampName = "retain_warmup"
+    """Retain coefficient schedule (a key of `unlearn.methods.base.RAMPS`)."""
+    retain_layers: list[int] | None = None
+    """Layers of the L2 retain loss; None means every layer."""
+
+    def component(self) -> RetainComponent:
+        """The nodes and term these settings declare."""
+        return retain_component(
+            self.retain_loss,
+            self.retain_layers or "all",
+            self.retain_coef,
+            RAMPS[self.retain_ramp],
+        )

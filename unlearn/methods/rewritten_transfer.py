@@ -49,7 +49,7 @@ Usage:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import torch
@@ -59,12 +59,12 @@ from torch import Tensor, nn
 
 from interventions import Read, StepGraph
 from unlearn.alignment import align_tokens
-from unlearn.config import TOYWORLD, DataConfig, ModelConfig, TrainingConfig
+from unlearn.config import TOYWORLD, DataConfig, ModelConfig, OptimSettings, TrainingConfig
 from unlearn.data import Batch, TokenizedDocuments, read_documents, tokenize_documents
 from unlearn.losses import activation_mse_loss, next_token_nll_loss
-from unlearn.methods.base import FORGET, RAMPS, TRAINABLE, Node, RampName, Term
+from unlearn.methods.base import FORGET, RAMPS, TRAINABLE, ForgetSettings, Node, Term
 from unlearn.methods.plan import Context, Phase, Plan, Registration
-from unlearn.methods.retain import RetainLoss, retain_component
+from unlearn.methods.retain import RetainSettings
 
 SiteKind = Literal["hook_resid_post", "hook_mlp_out", "unembed"]
 """Where activations are compared: block outputs, MLP outputs (both at `layers`), or logits."""
@@ -91,27 +91,21 @@ class RewrittenTransferConfig:
     sites: tuple[SiteKind, ...] = ("hook_resid_post",)
     """Sites of the MSE: "hook_resid_post" (block outputs), "hook_mlp_out" (MLP outputs) at
     `layers`, "unembed" (logits). The MSE averages over every (site, layer) module."""
-    retain_loss: RetainLoss = "kl"
-    """Retain objective."""
-    forget_coef: float = 1.0
-    """Peak coefficient of the activation MSE (the reference's λ)."""
     rewritten_ce_coef: float = 0.0
     """Peak coefficient of the cross-entropy toward the rewritten twin's tokens (the reference's
     1−λ, whose term carried no gradient there); 0 turns the term off."""
-    retain_coef: float = 1.0
-    """Peak retain coefficient."""
-    forget_ramp: RampName = "constant"
-    """Schedule of both forget coefficients (MSE and cross-entropy)."""
-    retain_ramp: RampName = "constant"
-    """Retain coefficient schedule."""
-    retain_layers: list[int] | None = None
-    """Layers of the L2 retain loss; None means every layer."""
     matched_only: bool = False
     """Use only aligned positions whose tokens match (drop the rewritten spans themselves) in the
     MSE; not with a value-token mask, which keeps only the rewritten spans."""
     rewritten_data: str | None = None
     """JSON-lines rewritten documents, line i the twin of forget document i; default: the toy
     world's forget_rewritten."""
+
+    forget: ForgetSettings = field(default_factory=lambda: ForgetSettings(forget_ramp="constant"))
+    """Coefficient of the activation MSE (the reference's λ) and the schedule of both forget terms
+    (the MSE and the rewritten cross-entropy)."""
+    retain: RetainSettings = field(default_factory=lambda: RetainSettings(retain_ramp="constant"))
+    """Retain term."""
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -341,7 +335,7 @@ class RewrittenTransfer:
             )
             for kind, name in zip(sites, site_names(sites), strict=True)
         }
-        terms = [Term("forget", mse_term, cfg.forget_coef, RAMPS[cfg.forget_ramp])]
+        terms = [cfg.forget.term(mse_term)]
         if cfg.rewritten_ce_coef:
             reads.setdefault(
                 LOGITS, Read(_forget_key(LOGITS), LOGITS, model=TRAINABLE, batch=FORGET)
@@ -351,12 +345,10 @@ class RewrittenTransfer:
                     "rewritten_ce",
                     rewritten_ce_term,
                     cfg.rewritten_ce_coef,
-                    RAMPS[cfg.forget_ramp],
+                    RAMPS[cfg.forget.forget_ramp],
                 )
             )
-        retain = retain_component(
-            cfg.retain_loss, cfg.retain_layers or "all", cfg.retain_coef, RAMPS[cfg.retain_ramp]
-        )
+        retain = cfg.retain.component()
         self.nodes: tuple[Node, ...] = (*reads.values(), *retain.nodes)
         self.terms: tuple[Term, ...] = (*terms, *retain.terms)
 
@@ -417,9 +409,9 @@ REGISTRATION = Registration(
     defaults=lambda: RewrittenTransferConfig(
         sites=("hook_resid_post", "hook_mlp_out", "unembed"),
         rewritten_ce_coef=2.0,
-        retain_coef=8.0,
+        retain=RetainSettings(retain_coef=8.0, retain_ramp="constant"),
     ),
     data=lambda: DataConfig(batch_size=32, use_value_mask=True),
-    training=lambda: TrainingConfig(num_steps=300, lr=2e-3),
+    training=lambda: TrainingConfig(num_steps=300, optim=OptimSettings(lr=2e-3)),
     inputs=_inputs,
 )

@@ -29,18 +29,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import nn
 
 from interventions import Route
-from unlearn.config import DataConfig, TrainingConfig
+from unlearn.config import DataConfig, OptimSettings, TrainingConfig
 from unlearn.losses import max_entropy_loss, random_target_ce_loss, top_k_entropy_loss
-from unlearn.methods.base import BASE, FORGET, RAMPS, TRAINABLE, Node, RampName, Term
+from unlearn.methods.base import BASE, FORGET, TRAINABLE, ForgetSettings, Node, Term
 from unlearn.methods.lens_unlearn import predicting
 from unlearn.methods.plan import Context, Phase, Plan, Registration
-from unlearn.methods.retain import RetainLoss, retain_component
+from unlearn.methods.retain import RetainSettings
 
 ORIGINAL = "original"
 """Model name of the frozen original model (before any phase) in the step graph."""
@@ -67,18 +67,11 @@ class SequentialConfig:
     targets / log V (the reference default), or KL on the top `top_k` logits / log k."""
     top_k: int = 100
     """k of the top-k forget loss."""
-    retain_loss: RetainLoss = "kl"
-    """Retain objective (against the original model)."""
-    forget_coef: float = 1.0
-    """Peak forget coefficient."""
-    retain_coef: float = 1.0
-    """Peak retain coefficient."""
-    forget_ramp: RampName = "forget_decay"
-    """Forget coefficient schedule over each phase (a key of `unlearn.methods.base.RAMPS`)."""
-    retain_ramp: RampName = "retain_warmup"
-    """Retain coefficient schedule over each phase."""
-    retain_layers: list[int] | None = None
-    """Layers of the L2 retain loss; None means every layer."""
+
+    forget: ForgetSettings = field(default_factory=ForgetSettings)
+    """Forget-term weight and schedule."""
+    retain: RetainSettings = field(default_factory=RetainSettings)
+    """Retain term (against the original model); ramps run over each phase."""
 
     def __post_init__(self) -> None:
         if self.step < 1:
@@ -163,9 +156,7 @@ class SequentialLayer:
         def forget_term(acts, forget, retain):
             return forget_loss(acts["forget_routed"], predicting(forget.token_mask))
 
-        retain = retain_component(
-            cfg.retain_loss, cfg.retain_layers or "all", cfg.retain_coef, RAMPS[cfg.retain_ramp]
-        )
+        retain = cfg.retain.component()
         # The retain reference is the original, not train()'s "base" (the model as this phase
         # found it): otherwise retain drift would compound over the phases.
         retain_nodes = tuple(
@@ -176,7 +167,7 @@ class SequentialLayer:
         )
         self.nodes: tuple[Node, ...] = (route, *retain_nodes)
         self.terms: tuple[Term, ...] = (
-            Term("forget", forget_term, cfg.forget_coef, RAMPS[cfg.forget_ramp]),
+            cfg.forget.term(forget_term),
             *retain.terms,
         )
 
@@ -210,6 +201,9 @@ REGISTRATION = Registration(
     summary="Sequential unlearning: blocks back to front, forget routed through the original.",
     data=lambda: DataConfig(batch_size=32),
     training=lambda: TrainingConfig(
-        num_steps=60, lr=2e-3, warmup_steps=5, eval_every=0, save_every=20
+        num_steps=60,
+        optim=OptimSettings(lr=2e-3, warmup_steps=5),
+        eval_every=0,
+        save_every=20,
     ),
 )
