@@ -54,6 +54,7 @@ __all__ = [
     "ce_maximization_loss",
     "next_token_nll_loss",
     "npo_loss",
+    "simnpo_loss",
     "representation_l2_loss",
     "logit_kl_loss",
     "circuit_breaker_loss",
@@ -373,6 +374,56 @@ def npo_loss(
     if reduction == "sequence_mean":
         seq_log_ratio = seq_log_ratio / torch.where(has_tokens, token_count, 1.0)
     return masked_mean(-F.logsigmoid(-beta * seq_log_ratio), has_tokens) * (2 / beta)
+
+
+def simnpo_loss(
+    logprobs: Float[Tensor, "batch pos"],
+    mask: TokenMask,
+    *,
+    beta: float = 0.1,
+    gamma: float = 0.0,
+) -> Float[Tensor, ""]:
+    """Simple NPO: NPO without a reference model, on the length-normalized sequence likelihood.
+
+    With l_b = (1/|T_b|) sum_{t in T_b} log p_theta(x_bt | x_b,<t), the mean token log-probability
+    of row b over its masked tokens T_b (from `next_token_logprobs`):
+
+        L = -(2/beta) mean_b log sigmoid(-beta * l_b - gamma).
+
+    Derivation: NPO scores a forget sequence y by the reward log pi_theta(y) - log pi_ref(y);
+    SimNPO replaces it by SimPO's reference-free reward, the length-normalized
+    (1/|y|) log pi_theta(y), less a margin gamma/beta. Since -l_b = CE_b is row b's mean next-token
+    NLL, L = -(2/beta) mean_b log sigmoid(beta CE_b - gamma): it falls as the forget NLL rises. Its
+    gradient is gradient ascent on CE_b weighted by 2 sigmoid(gamma - beta CE_b), 1 at
+    CE_b = gamma/beta and vanishing as the forget text becomes unlikely; the length normalization
+    keeps long sequences from dominating as they do NPO's summed log-ratio. At l_b = 0 and
+    gamma = 0 the value is (2/beta) log 2.
+
+    Paper: Fan, Liu, Lin, Jia, Zhang, Mei and Liu 2024, "Simplicity Prevails: Rethinking Negative
+    Preference Optimization for LLM Unlearning" (the SimNPO loss, their eq. 4). Reference:
+    `unlearn/algorithm/simple_npo.py` (`ALGORITHMS.md` section 3.8), which takes the sigmoid of the
+    whole batch's mean NLL (one "sequence" per batch) with gamma = 0; here it is per sequence, as in
+    the paper. Rows with no masked token are left out of the mean over rows.
+
+    Args:
+        logprobs: Per-token log-probabilities under the trained model.
+        mask: Tokens to score, usually `next_token_mask(mask)`.
+        beta: Inverse temperature; beta -> 0 (with gamma = 0) recovers gradient ascent on the
+            mean per-sequence NLL.
+        gamma: Reward margin.
+
+    Returns:
+        The SimNPO loss.
+
+    Raises:
+        ValueError: If the mask selects no token.
+    """
+    weights = mask.to(logprobs.dtype)
+    token_count = weights.sum(-1)
+    has_tokens = token_count > 0
+    weighted = torch.where(weights != 0, logprobs * weights, torch.zeros_like(logprobs))
+    mean_logprob = weighted.sum(-1) / torch.where(has_tokens, token_count, 1.0)
+    return masked_mean(-F.logsigmoid(-beta * mean_logprob - gamma), has_tokens) * (2 / beta)
 
 
 def _num_layers(acts: LayerActs, ref_acts: LayerActs) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import json
 import math
 import os
@@ -45,7 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from interventions import StepGraph
-from interventions.sites import resolve_site
+from interventions.sites import describe_model, resolve_site
 from unlearn.config import LoraSettings, NonFinitePolicy, OptimSettings
 from unlearn.data import PairedBatches
 from unlearn.methods.base import BASE, FORGET, RETAIN, TRAINABLE, Method, extra_models
@@ -96,22 +97,69 @@ def block_path(model: nn.Module, layer: int) -> str:
     return resolve_site(model, BLOCK_SITE.format(l=layer)).path
 
 
-def set_trainable_layers_(model: nn.Module, layers: Sequence[int]) -> list[str]:
-    """Freeze every parameter of `model` but those of the given blocks; return their names."""
-    prefixes = tuple(block_path(model, layer) + "." for layer in layers)
+def _matches(name: str, patterns: Sequence[str] | None) -> bool:
+    """Whether a block-relative parameter name matches a glob pattern (None: every name does)."""
+    return patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def block_parameters(
+    model: nn.Module, layers: Sequence[int], patterns: Sequence[str] | None = None
+) -> list[str]:
+    """Full names of the parameters of the given blocks, only those matching `patterns` if given.
+
+    Args:
+        model: A model of the site table (`interventions.sites`).
+        layers: Block indices.
+        patterns: Glob patterns (`fnmatch`, `*` crosses dots) of parameter names relative to a
+            block, e.g. "mlp.*" or "mlp.dense_4h_to_h.weight"; None: every parameter.
+
+    Raises:
+        ValueError: A block has no parameter matching `patterns` (the message lists its names).
+    """
+    names = []
+    for layer in layers:
+        path = block_path(model, layer)
+        local = [name for name, _ in model.get_submodule(path).named_parameters()]
+        chosen = [name for name in local if _matches(name, patterns)]
+        if not chosen:
+            raise ValueError(
+                f"no parameter of block {layer} ({path}) matches {list(patterns or [])}; its "
+                f"parameters are {local}"
+            )
+        names += [f"{path}.{name}" for name in chosen]
+    return names
+
+
+def set_trainable_layers_(
+    model: nn.Module, layers: Sequence[int], patterns: Sequence[str] | None = None
+) -> list[str]:
+    """Freeze every parameter of `model` but those of the given blocks; return their names.
+
+    `patterns` narrows each block to the parameters it matches (`block_parameters`).
+    """
+    chosen = set(block_parameters(model, layers, patterns))
     names = []
     for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(prefixes))
+        param.requires_grad_(name in chosen)
         if param.requires_grad:
             names.append(name)
     return names
 
 
-def block_lora(model: nn.Module, lora: LoraSettings, layers: Sequence[int]) -> LoraSettings:
+def block_lora(
+    model: nn.Module,
+    lora: LoraSettings,
+    layers: Sequence[int],
+    patterns: Sequence[str] | None = None,
+) -> LoraSettings:
     """LoRA settings whose targets are only the linear layers of the given blocks.
 
+    With `patterns` (as in `block_parameters`), only the linear layers whose weight matches one
+    ("mlp.*" matches "mlp.dense_h_to_4h.weight") get adapters.
+
     Raises:
-        ValueError: The model type has no default LoRA targets and none were given.
+        ValueError: The model type has no default LoRA targets and none were given, or no target
+            layer of the blocks matches `patterns`.
     """
     model_type = getattr(model.config, "model_type", "?")
     targets = lora.lora_targets or LORA_TARGETS.get(model_type)
@@ -121,8 +169,13 @@ def block_lora(model: nn.Module, lora: LoraSettings, layers: Sequence[int]) -> L
         f"{path}.{name}"
         for path in (block_path(model, layer) for layer in layers)
         for name, _ in model.get_submodule(path).named_modules()
-        if name.rpartition(".")[2] in targets
+        if name.rpartition(".")[2] in targets and _matches(f"{name}.weight", patterns)
     )
+    if layers and not full:
+        raise ValueError(
+            f"no LoRA target ({list(targets)}) of blocks {list(layers)} has a weight matching "
+            f"{list(patterns or [])}; pass other parameter patterns or --lora_targets"
+        )
     return replace(lora, lora_targets=full)
 
 
@@ -679,7 +732,9 @@ def train_plan(
     """Run a method's phases (`unlearn.methods.plan`) in order, each one `train` call.
 
     A phase with `blocks` trains only those blocks (full fine-tuning, or LoRA adapters on their
-    linear layers); one without trains what `train` trains. Each phase keeps its state in
+    linear layers); one with `parameters` trains only the block parameters matching its patterns
+    (LoRA: adapters only on the linear layers whose weight matches), in its `blocks` or in every
+    block; a phase with neither trains what `train` trains. Each phase keeps its state in
     `out_dir/<phase.name>` with its own schedule (warmup and ramps restart), so a rerun passes
     through finished phases (`train` only reloads their weights) and resumes the interrupted one.
 
@@ -704,9 +759,11 @@ def train_plan(
     results = []
     for phase in phases:
         phase_lora = lora
-        if phase.blocks is not None:
-            set_trainable_layers_(model, [] if lora is not None else phase.blocks)
-            phase_lora = block_lora(model, lora, phase.blocks) if lora is not None else None
+        if _restricts(phase):
+            blocks = range(describe_model(model).n_layers) if phase.blocks is None else phase.blocks
+            set_trainable_layers_(model, [] if lora is not None else blocks, phase.parameters)
+            if lora is not None:
+                phase_lora = block_lora(model, lora, blocks, phase.parameters)
         result = train(
             model,
             phase.method,
@@ -721,6 +778,11 @@ def train_plan(
         )
         model = result.model
         results.append(result)
-    if any(phase.blocks is not None for phase in phases):
+    if any(_restricts(phase) for phase in phases):
         model.requires_grad_(False)
     return results
+
+
+def _restricts(phase: Phase) -> bool:
+    """Whether a phase trains only part of the model (some blocks, or some of their parameters)."""
+    return phase.blocks is not None or phase.parameters is not None

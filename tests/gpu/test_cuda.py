@@ -20,10 +20,14 @@ from simple_parsing import parse
 from recipes import (
     checkpoint_transfer,
     circuit_breakers,
+    grad_diff,
     lens_unlearn,
+    npo,
     probe_unlearn,
     rewritten_transfer,
+    rmu,
     sequential,
+    simnpo,
 )
 from tests.unlearn.test_devices import CASES, _losses, _train
 from tests.unlearn.test_methods import _config
@@ -65,6 +69,10 @@ RECIPES = {
     "probe_unlearn": (probe_unlearn, " --margin 1.0 --probe_steps 2 --probe_docs 40"),
     "sequential": (sequential, ""),
     "rewritten_transfer": (rewritten_transfer, ""),
+    "rmu": (rmu, ""),
+    "npo": (npo, ""),
+    "simnpo": (simnpo, ""),
+    "grad_diff": (grad_diff, ""),
 }
 
 

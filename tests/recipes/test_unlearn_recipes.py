@@ -8,10 +8,14 @@ from benchmarks.checkpoint_curve import checkpoint_curve
 from recipes import (
     checkpoint_transfer,
     circuit_breakers,
+    grad_diff,
     lens_unlearn,
+    npo,
     probe_unlearn,
     rewritten_transfer,
+    rmu,
     sequential,
+    simnpo,
     tuned_lens,
 )
 from tests.conftest import absolute_path_strings
@@ -203,6 +207,10 @@ UNLEARNING_RECIPES = {
     "probe_unlearn": probe_unlearn,
     "sequential": sequential,
     "rewritten_transfer": rewritten_transfer,
+    "rmu": rmu,
+    "npo": npo,
+    "simnpo": simnpo,
+    "grad_diff": grad_diff,
 }
 """The preset recipe of every registered method."""
 PRESETS = sorted((Path(__file__).parents[2] / "recipes" / "configs").glob("*.yaml"))

@@ -37,6 +37,10 @@ CASES = {
     "probe_unlearn": {"probe_path": PROBES},
     "sequential": {},  # one phase per block, routed into a copy of the model on its device
     "rewritten_transfer": {"rewritten_data": REWRITTEN},  # targets computed on the model's device
+    "rmu": {},  # the control vector, drawn on the CPU, moved to the activations' device
+    "npo": {},
+    "simnpo": {},
+    "grad_diff": {},
 }
 """Every registered method, with the files (lens, maps, probes, teacher, rewritten twins) it loads
 from disk."""

@@ -113,6 +113,36 @@ VARIANTS: dict[str, list[dict]] = {
         {"rewritten_data": REWRITTEN, "sites": ("hook_resid_post",), "rewritten_ce_coef": 0.0},
         {"rewritten_data": REWRITTEN, "layers": [1], "retain_loss": "l2", "matched_only": True},
     ],
+    "rmu": [
+        {},
+        {
+            "layer": 0,
+            "update_params": ["mlp.dense_4h_to_h.weight"],
+            "steering_coef": 5.0,
+            "direction_seed": 3,
+        },
+        {"layer": 1, "update_layers": [1], "retain_loss": "l2", "retain_layers": [0, 1]},
+        {"retain_loss": "kl", "forget_coef": 2.0, "forget_ramp": "forget_decay"},
+        {"retain_loss": "nll", "retain_coef": 0.0},
+    ],
+    "npo": [
+        {},
+        {"reduction": "token", "beta": 0.5, "retain_loss": "kl"},
+        {"reduction": "sequence_mean", "retain_loss": "l2", "retain_layers": [1]},
+        {"retain_coef": 0.0, "forget_ramp": "forget_decay"},
+    ],
+    "simnpo": [
+        {},
+        {"beta": 2.5, "gamma": 1.0, "retain_loss": "kl"},
+        {"retain_loss": "mse", "retain_layers": [0], "retain_ramp": "retain_warmup"},
+        {"retain_coef": 0.0},
+    ],
+    "grad_diff": [
+        {},
+        {"retain_loss": "kl", "forget_ramp": "forget_decay", "retain_ramp": "retain_warmup"},
+        {"retain_loss": "l2", "retain_layers": [0], "forget_coef": 0.5},
+        {"retain_coef": 0.0},
+    ],
 }
 """Settings the contract runs for each method, as changes to its registered defaults: the defaults
 first (apart from inputs a method cannot default), then non-default settings."""
@@ -562,8 +592,8 @@ def test_stack_rejects_name_clashes():
 
 
 def test_retain_component_rejects_unknown_kind():
-    with pytest.raises((ValueError, TypeError), match="kl.*nll.*l2"):  # TypeError: jaxtyping
-        retain_component("mse")  # type: ignore[arg-type]
+    with pytest.raises((ValueError, TypeError), match="kl.*nll.*l2.*mse"):  # TypeError: jaxtyping
+        retain_component("cosine")  # type: ignore[arg-type]
 
 
 READOUT = ("embed_out", "gpt_neox.final_layer_norm")

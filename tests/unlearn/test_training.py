@@ -1,5 +1,6 @@
 """Tests for unlearn.training.train: schedules and metrics, resume after a kill, NaN stops,
-gradient accumulation, and DDP parity (2 gloo processes on CPU).
+gradient accumulation, DDP parity (2 gloo processes on CPU), and `train_plan`'s phases that train
+a subset of the parameters.
 
 Every run trains a deep copy of the session's tiny random GPT-NeoX (`tiny_lm`) for 2 to 6 steps
 into `tmp_path`. Expected losses are recomputed here from the model's logits with plain torch ops.
@@ -23,7 +24,7 @@ from interventions import Read
 from tests.conftest import TINY_TEXTS
 from unlearn.config import replace_flat
 from unlearn.data import PairedBatches, TokenizedDocuments, tokenize_documents
-from unlearn.methods import FORGET, REGISTRY, TRAINABLE, LensUnlearn, Stacked, Term
+from unlearn.methods import FORGET, REGISTRY, TRAINABLE, LensUnlearn, Phase, Stacked, Term
 from unlearn.training import (
     METRICS_FILE,
     STATE_FILE,
@@ -32,6 +33,7 @@ from unlearn.training import (
     add_lora,
     make_optimizer,
     train,
+    train_plan,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -535,3 +537,50 @@ def test_ddp_two_ranks_match_one_process_with_grad_accum(tiny_lm, data, tmp_path
         final = torch.load(tmp_path / f"final_rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(final, expected, rtol=1e-5, atol=1e-6)
     _assert_moved(single.model, model)
+
+
+# --- phases that train a subset of the parameters ----------------------------------------------
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_a_phase_trains_only_the_block_parameters_its_patterns_match(
+    use_lora, tiny_lm, data, tmp_path
+):
+    """`Phase(parameters=("attention.*",))` without `blocks`: in every block only the attention
+    parameters change (LoRA: the attention linear layers' weights, where the merged adapters sit);
+    embeddings, MLPs, norms, the final norm and the unembedding stay bitwise the original, and no
+    parameter requires grad afterwards."""
+    model, _ = tiny_lm
+    phase = Phase(_method(), num_steps=2, parameters=("attention.*",))
+    results = train_plan(
+        copy.deepcopy(model),
+        [phase],
+        PairedBatches(*data, batch_size=2),
+        out_dir=tmp_path,
+        optim=OptimSettings(lr=1e-2, warmup_steps=1),
+        lora=LoraSettings(lora_rank=4) if use_lora else None,
+    )
+    before, after = dict(model.named_parameters()), dict(results[-1].model.named_parameters())
+    changed = {name for name in before if not torch.equal(after[name], before[name])}
+    attention = {name for name in before if ".attention." in name}
+    if use_lora:
+        attention = {name for name in attention if name.endswith(".weight")}
+    assert changed == attention and len({name.split(".")[2] for name in changed}) == N_LAYERS
+    assert not any(p.requires_grad for p in results[-1].model.parameters())
+
+
+def test_parameter_patterns_that_match_nothing_are_a_clear_error(tiny_lm, data, tmp_path):
+    model, _ = tiny_lm
+    batches = PairedBatches(*data, batch_size=2)
+    typo = Phase(_method(), num_steps=1, blocks=(0,), parameters=("mlp.fc.*",))
+    with pytest.raises(ValueError, match=r"no parameter of block 0 .* matches \['mlp.fc.\*'\]"):
+        train_plan(copy.deepcopy(model), [typo], batches, out_dir=tmp_path / "typo")
+    norms = Phase(_method(), num_steps=1, blocks=(0,), parameters=("input_layernorm.*",))
+    with pytest.raises(ValueError, match="no LoRA target .* has a weight matching"):
+        train_plan(
+            copy.deepcopy(model),
+            [norms],
+            batches,
+            out_dir=tmp_path / "norms",
+            lora=LoraSettings(lora_rank=4),
+        )

@@ -11,10 +11,14 @@ benchmark iterate over it. A method's phases declare step-graph nodes and weight
 from unlearn.methods import (
     checkpoint_transfer,
     circuit_breakers,
+    grad_diff,
     lens_unlearn,
+    npo,
     probe_unlearn,
     rewritten_transfer,
+    rmu,
     sequential,
+    simnpo,
 )
 from unlearn.methods.base import (
     BASE,
@@ -30,7 +34,9 @@ from unlearn.methods.base import (
 )
 from unlearn.methods.checkpoint_transfer import CheckpointTransfer, CheckpointTransferConfig
 from unlearn.methods.circuit_breakers import CircuitBreakers, CircuitBreakersConfig
+from unlearn.methods.grad_diff import GradDiff, GradDiffConfig
 from unlearn.methods.lens_unlearn import LensUnlearn, LensUnlearnConfig
+from unlearn.methods.npo import NPO, NPOConfig
 from unlearn.methods.plan import (
     REGISTRY,
     Context,
@@ -41,6 +47,8 @@ from unlearn.methods.plan import (
     registration,
 )
 from unlearn.methods.probe_unlearn import ProbeUnlearn, ProbeUnlearnConfig
+from unlearn.methods.rmu import RMU, RMUConfig
+from unlearn.methods.simnpo import SimNPO, SimNPOConfig
 
 _MODULES = (
     lens_unlearn,
@@ -49,8 +57,12 @@ _MODULES = (
     sequential,
     rewritten_transfer,
     probe_unlearn,
+    rmu,
+    npo,
+    simnpo,
+    grad_diff,
 )
-"""The registered methods' modules, in leaderboard order."""
+"""The registered methods' modules, in leaderboard order (the standard baselines last)."""
 
 for _module in _MODULES:
     register(_module.REGISTRATION)
@@ -67,15 +79,23 @@ __all__ = [
     "CircuitBreakers",
     "CircuitBreakersConfig",
     "Context",
+    "GradDiff",
+    "GradDiffConfig",
     "LensUnlearn",
     "LensUnlearnConfig",
     "Method",
+    "NPO",
+    "NPOConfig",
     "Phase",
     "Plan",
     "ProbeUnlearn",
     "ProbeUnlearnConfig",
+    "RMU",
+    "RMUConfig",
     "Ramp",
     "Registration",
+    "SimNPO",
+    "SimNPOConfig",
     "Stacked",
     "Term",
     "register",

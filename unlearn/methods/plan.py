@@ -5,9 +5,9 @@ Plan`. `build` prepares what the method needs from the `Context` (the loaded mod
 the data and tuning items, the device, the output directory): checkpoint transfer selects its
 teacher and fits maps there, rewritten transfer computes its targets, sequential unlearning copies
 the original model. The `Plan` is one or more `Phase`s, each a method declaration (step-graph
-nodes and weighted terms, `unlearn.methods.base`), a number of steps and which blocks train; the
-one training core runs them in order (`unlearn.experiment.run_method`). A method never imports the
-training core.
+nodes and weighted terms, `unlearn.methods.base`), a number of steps and which blocks (and which
+of their parameters) train; the one training core runs them in order
+(`unlearn.experiment.run_method`). A method never imports the training core.
 
 Registering a method adds it to the generic recipe (`python -m recipes.unlearn --method <name>`),
 the retain ablation, the leaderboard and the methods benchmark.
@@ -114,7 +114,12 @@ class Phase:
     name: str = ""
     """Sub-directory of the run's output holding this phase's state ("": the run's own)."""
     blocks: tuple[int, ...] | None = None
-    """Blocks whose weights train (LoRA: whose linear layers get adapters); None: every weight."""
+    """Blocks whose weights train (LoRA: whose linear layers get adapters); None: every weight
+    (every block's, when `parameters` is set)."""
+    parameters: tuple[str, ...] | None = None
+    """Only these parameters of each training block train: glob patterns of names relative to the
+    block (`fnmatch`, `*` crosses dots), e.g. ("mlp.*",); LoRA puts adapters only on the linear
+    layers whose weight matches. None: every parameter of the blocks."""
     seed_offset: int = 0
     """The phase trains with the run's seed plus this (random targets differ between phases)."""
 

@@ -1,7 +1,7 @@
-"""Retain terms shared by methods: keep the model's behaviour on retain text (KL, NLL or L2).
+"""Retain terms shared by methods: keep the model's behaviour on retain text (KL, NLL, L2 or MSE).
 
 `retain_component(kind, layers, coef, ramp)` returns the nodes and the term for one retain loss, so
-every method offers the same three choices with the same, padding-free math (`unlearn.losses`).
+every method offers the same four choices with the same, padding-free math (`unlearn.losses`).
 `RetainSettings` is the config group every method nests as `retain` (flags `--retain_loss`,
 `--retain_coef`, `--retain_ramp`, `--retain_layers`); its `component()` builds the term.
 """
@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from interventions import Read
-from unlearn.losses import logit_kl_loss, next_token_nll_loss, representation_l2_loss
+from unlearn.losses import (
+    activation_mse_loss,
+    logit_kl_loss,
+    next_token_nll_loss,
+    representation_l2_loss,
+)
 from unlearn.methods.base import (
     BASE,
     CONSTANT,
@@ -26,8 +31,9 @@ from unlearn.methods.base import (
     Term,
 )
 
-RetainLoss = Literal["kl", "nll", "l2"]
-"""KL to the frozen model's logits, next-token NLL, or L2 distance of residual activations."""
+RetainLoss = Literal["kl", "nll", "l2", "mse"]
+"""KL to the frozen model's logits, next-token NLL, or the L2 distance or mean squared error of
+residual activations."""
 
 
 @dataclass(frozen=True)
@@ -47,9 +53,10 @@ def retain_component(
     """Nodes and term for a retain loss of the given kind.
 
     Args:
-        kind: "kl" (per-token KL(p_base ‖ p_θ) on retain tokens), "nll" (next-token loss) or "l2"
-            (mean L2 distance of block outputs at `layers` from the frozen model's).
-        layers: Layers of the L2 loss (ignored otherwise).
+        kind: "kl" (per-token KL(p_base ‖ p_θ) on retain tokens), "nll" (next-token loss), "l2"
+            (mean L2 distance of block outputs at `layers` from the frozen model's) or "mse"
+            (their mean squared error per dimension, `activation_mse_loss`: RMU's retain loss).
+        layers: Layers of the L2 and MSE losses (ignored otherwise).
         coef: Peak coefficient.
         ramp: Coefficient multiplier over training.
 
@@ -84,22 +91,23 @@ def retain_component(
             coef,
             ramp,
         )
-    elif kind == "l2":
+    elif kind in ("l2", "mse"):
         site = "blocks.{l}.hook_resid_post"
         nodes = (
             Read("retain_acts", site, layers=layers, model=TRAINABLE, batch=RETAIN),
             Read("retain_ref_acts", site, layers=layers, model=BASE, batch=RETAIN, grad=False),
         )
+        distance = representation_l2_loss if kind == "l2" else activation_mse_loss
         term = Term(
             "retain",
-            lambda acts, forget, retain: representation_l2_loss(
+            lambda acts, forget, retain: distance(
                 acts["retain_acts"], acts["retain_ref_acts"], retain.attention_mask
             ),
             coef,
             ramp,
         )
     else:
-        raise ValueError(f"unknown retain loss {kind!r}; choose kl, nll or l2")
+        raise ValueError(f"unknown retain loss {kind!r}; choose kl, nll, l2 or mse")
     return RetainComponent(nodes, (term,))
 
 
@@ -108,13 +116,14 @@ class RetainSettings:
     """The retain term of a method (nested as `retain` in every method's config)."""
 
     retain_loss: RetainLoss = "kl"
-    """Retain objective: KL to the frozen model's logits, next-token NLL, or L2 of activations."""
+    """Retain objective: KL to the frozen model's logits, next-token NLL, or the L2 distance or
+    mean squared error of activations."""
     retain_coef: float = 1.0
     """Peak retain coefficient (0 drops the term: the retain ablation)."""
     retain_ramp: RampName = "retain_warmup"
     """Retain coefficient schedule (a key of `unlearn.methods.base.RAMPS`)."""
     retain_layers: list[int] | None = None
-    """Layers of the L2 retain loss; None means every layer."""
+    """Layers of the L2 and MSE retain losses; None means every layer (RMU: its layer)."""
 
     def component(self) -> RetainComponent:
         """The nodes and term these settings declare."""

@@ -1,0 +1,28 @@
+"""RMU: one block's forget activations pushed toward a fixed random vector, MLPs only.
+
+A preset of `python -m recipes.unlearn --method rmu`
+(`unlearn.methods.rmu`). Writes run_info.json, metrics.jsonl, training.png, model/ and
+results.json to --out.
+
+Commands:
+    python -m recipes.rmu --out runs/rmu
+    python -m recipes.rmu --out /tmp/smoke --world_preset tiny --num_steps 2
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from recipes.unlearn import config_class, run
+from unlearn.runs import run_recipe
+
+Config = config_class("rmu")
+
+
+def main(cfg: Any) -> dict[str, Any]:
+    """Unlearn and return results.json's numbers (plus what preparation chose)."""
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    run_recipe(main, Config)
