@@ -72,6 +72,24 @@ def tiny_home(tiny_world, monkeypatch):
     return tiny_world
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test if anything in it tried to open a network connection, even if caught."""
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access is off in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    yield
+    assert not attempts, f"the test tried to reach the network: {attempts}"
+
+
 def absolute_path_strings(value) -> list[str]:
     """Every string in a parsed JSON value, keys included, that is an absolute path."""
     if isinstance(value, dict):

@@ -3,13 +3,19 @@
 An item is a prompt, a list of choices (continuations, each starting with its separating space) and
 the index of the true one. Each (prompt, choice) pair is scored by the summed log-probability of the
 choice's tokens given the prompt. `acc` picks the highest sum; `acc_norm` divides each sum by the
-choice's length in UTF-8 bytes first (lm-eval's `acc_norm`). Ties share credit: an item whose top
-score is shared by k choices, the true one among them, counts 1/k, so a model with flat outputs
-scores chance rather than whatever the choice order favours.
+choice's length in UTF-8 bytes first (lm-eval 0.4's `acc_bytes`; its `acc_norm` divides by
+characters, the same for ASCII choices). Ties share credit: an item whose top score is shared by k
+choices, the true one among them, counts 1/k, so a model with flat outputs scores chance rather
+than whatever the choice order favours (lm-eval gives the first tied choice the item).
 
 Tokenization follows lm-eval: the continuation's tokens are those of `prompt + choice` past the
-tokens of `prompt`. Batches may be padded on either side; positions come from the attention mask,
-so left and right padding give the same scores. The log-probabilities come from
+tokens of `prompt` (when the boundary tokens merge, the choice is tokenized on its own; lm-eval
+has no such fallback). One convention differs by default: `prepend_bos=True` puts BOS (or EOS)
+before every prompt as a document boundary, while lm-eval's HFLM adds nothing to a non-empty
+context beyond what the tokenizer adds; with ``prepend_bos=False`` both score the same tokens
+(`unlearn.lm_eval_scoring` runs lm-eval itself and lists every difference). Batches may be padded
+on either side; positions come from the attention mask, so left and right padding give the same
+scores. The log-probabilities come from
 `interventions.choice_logprobs`, which reads the logits through an nnsight trace when the model is
 an nnsight wrapper or when ``remote=`` asks for a non-local run (NDIF, a host URL, or nnsight's
 ``"local"`` simulation; see `interventions.remote`), or calls the module otherwise. Each
@@ -99,6 +105,8 @@ class MCResult:
     """Number of items."""
     correct: tuple[float, ...]
     """Per-item credit (0, 1, or 1/k for a k-way tie) by summed log-likelihood."""
+    correct_norm: tuple[float, ...] = ()
+    """Per-item credit by log-likelihood per byte (empty when built without it)."""
 
     def as_dict(self) -> dict[str, float]:
         """The summary numbers (without the per-item credit)."""
@@ -322,6 +330,7 @@ def evaluate_mc(
         acc_norm=float(credit_norm.mean()),
         n=len(items),
         correct=tuple(credit.tolist()),
+        correct_norm=tuple(credit_norm.tolist()),
     )
 
 

