@@ -37,7 +37,7 @@ from simple_parsing import parse
 
 from recipes.unlearn import run_keyed
 from unlearn.config import from_dict
-from unlearn.experiment import DataConfig, ModelConfig, load_setup
+from unlearn.experiment import DataConfig, ModelConfig, Setup, load_setup
 from unlearn.keys import content_key
 from unlearn.methods import REGISTRY
 from unlearn.plots import plot_recovery
@@ -45,7 +45,7 @@ from unlearn.provenance import git_sha, machine, portable_paths
 from unlearn.tamper import AttackSettings, suite
 from unlearn.tamper_report import attack_report, control_records
 from unlearn.tamper_stats import CHANCE, Curves, bootstrap_metrics
-from unlearn.toyworld.world import unlearn_home
+from unlearn.toyworld.world import ToyWorld, unlearn_home
 
 UNFILTERED, FILTERED = "unfiltered", "filtered twin"
 """Row labels of the controls."""
@@ -140,6 +140,56 @@ def attack_seed(
     return per_attack
 
 
+def control_runs(cfg: Config, world: ToyWorld, setup: Setup) -> dict[str, list]:
+    """The suite's attack records on the unfiltered model and the filtered twin, per attack seed.
+
+    They are cached with the world (`unlearn.tamper_report.control_records`).
+    """
+    return {
+        label: [
+            [
+                control_records(world, control, setup, settings, cfg.device)
+                for settings in suite(cfg.suite, cfg.num_steps, seed=seed).values()
+            ]
+            for seed in range(cfg.seeds)
+        ]
+        for control, label in (("unfiltered", UNFILTERED), ("filtered", FILTERED))
+    }
+
+
+def method_runs(
+    name: str,
+    args: list[str],
+    method_dir: Path,
+    cfg: Config,
+    world_key: str,
+    label: str = "",
+    inputs: dict[str, str] | None = None,
+) -> tuple[list, dict[str, float]]:
+    """Unlearn with method `name` (recipe flags `args`) at every seed and attack each model.
+
+    Each seed's run and attacks are keyed under `method_dir/seed<s>` (reused when they match),
+    by the recipe's config, the world, further `inputs` (content keys of files the flags name)
+    and the code version.
+
+    Returns:
+        The attack records per seed, and the wall seconds of unlearning and attacking
+        (`recorded_seconds`).
+    """
+    records, seconds, fresh = [], {"unlearn": 0.0, "attack": 0.0}, []
+    for seed in range(cfg.seeds):
+        seed_dir = method_dir / f"seed{seed}"
+        seed_args = [*args, "--seed", str(seed)]
+        keys = {"world": world_key, **(inputs or {})}
+        run, unlearn_seconds = run_keyed(name, seed_args, seed_dir, inputs=keys)
+        attack_start = time.perf_counter()
+        records.append(attack_seed(label or name, run / "model", seed, cfg, seed_dir))
+        seconds["unlearn"] += unlearn_seconds
+        seconds["attack"] += time.perf_counter() - attack_start
+        fresh.append(unlearn_seconds > 0)
+    return records, recorded_seconds(method_dir, cfg.seeds, seconds, all(fresh))
+
+
 def main(cfg: Config) -> dict[str, Any]:
     """Run (or reuse) every unlearning run and attack, and write the leaderboard."""
     start = time.perf_counter()
@@ -150,30 +200,10 @@ def main(cfg: Config) -> dict[str, Any]:
     assert world is not None
     world_key = content_key(world.root / "config.json")
 
-    records: dict[str, list[list[list[dict[str, Any]]]]] = {}
+    records = control_runs(cfg, world, setup)
     seconds: dict[str, dict[str, float]] = {}
-    for control, label in (("unfiltered", UNFILTERED), ("filtered", FILTERED)):
-        records[label] = [
-            [
-                control_records(world, control, setup, settings, cfg.device)
-                for settings in suite(cfg.suite, cfg.num_steps, seed=seed).values()
-            ]
-            for seed in range(cfg.seeds)
-        ]
     for name in cfg.methods:
-        records[name], seconds[name] = [], {"unlearn": 0.0, "attack": 0.0}
-        fresh = []
-        for seed in range(cfg.seeds):
-            seed_dir = out / name / f"seed{seed}"
-            seed_args = [*args, "--seed", str(seed)]
-            run, unlearn_seconds = run_keyed(name, seed_args, seed_dir, inputs={"world": world_key})
-            model_dir = run / "model"
-            attack_start = time.perf_counter()
-            records[name].append(attack_seed(name, model_dir, seed, cfg, seed_dir))
-            seconds[name]["unlearn"] += unlearn_seconds
-            seconds[name]["attack"] += time.perf_counter() - attack_start
-            fresh.append(unlearn_seconds > 0)
-        seconds[name] = recorded_seconds(out / name, cfg.seeds, seconds[name], all(fresh))
+        records[name], seconds[name] = method_runs(name, args, out / name, cfg, world_key)
 
     curves = {label: Curves.from_records(runs) for label, runs in records.items()}
     rows = bootstrap_metrics(curves, FILTERED, UNFILTERED, n_boot=cfg.n_boot)

@@ -88,6 +88,11 @@ class LoraSettings:
         return self.lora_rank > 0
 
 
+ALL_TOKENS = "all"
+"""`--token_mask` value of scoring every forget token (no per-token selection)."""
+VALUES = "values"
+"""`--token_mask` value of the ground truth: the value tokens of the documents' facts."""
+
 TOYWORLD = "toyworld"
 """`--model` value meaning the toy world's unfiltered model ("toyworld:filtered" for the twin)."""
 
@@ -129,8 +134,13 @@ class DataConfig:
     """Longest document row in tokens."""
     batch_size: int = 16
     """Forget rows (and retain rows) per optimizer step."""
-    use_value_mask: bool = False
-    """Apply forget losses only at value tokens (per-token unlearning)."""
+    token_mask: str = ALL_TOKENS
+    """Forget tokens the forget losses score (per-token unlearning): "all", every token; "values",
+    the value tokens of the documents' facts (the toy world's ground truth); a selector of
+    `unlearn.selection` (keywords, activations, probe, sae, attribution), its mask with its default
+    settings (computed on the model before unlearning, cached); or a mask file (or the folder
+    holding it) that `python -m recipes.select_tokens` wrote. It selects loss positions only and
+    never reaches the attention mask."""
     max_forget_docs: int | None = None
     """Use only the first N forget documents."""
 
@@ -142,6 +152,11 @@ class DataConfig:
             )
         if self.max_forget_docs is not None and self.max_forget_docs < 1:
             raise ValueError(f"--max_forget_docs must be >= 1, got {self.max_forget_docs}")
+        if not self.token_mask.strip():
+            raise ValueError(
+                f"--token_mask is empty: pass {ALL_TOKENS} (every token), {VALUES}, a selector "
+                "name or a mask file"
+            )
 
 
 @dataclass

@@ -2,10 +2,13 @@
 
 A document is a mapping with "text" and, optionally, "facts" (`[attribute, value, start, end]`
 character spans, as the toy world writes them). `tokenize_documents` turns documents into one row
-each (truncated to `max_len`), with a per-token mask marking the tokens that overlap a value span
-(the "keyword mask" of per-token unlearning). `PairedBatches` pairs forget and retain rows for every
-optimizer step, deterministically from (seed, step), so a resumed run sees the same data, and every
-DDP rank takes its own slice of the same global batch.
+each (truncated to `max_len`), keeping each token's character span and a per-token mask marking
+the tokens that overlap a value span (the ground truth of per-token unlearning). A forget set may
+carry token masks (`TokenizedDocuments.with_token_masks`: the value mask, or one that a selector of
+`unlearn.selection` made); they become `Batch.token_mask`, the positions a forget loss scores, and
+never reach the attention mask. `PairedBatches` pairs forget and retain rows for every optimizer
+step, deterministically from (seed, step), so a resumed run sees the same data, and every DDP rank
+takes its own slice of the same global batch.
 
 `read_documents` and `read_items` read JSON-lines files and check every line (valid JSON, the
 required fields) before anything is tokenized or loaded, naming the file and line of an error.
@@ -14,12 +17,14 @@ Usage:
     >>> docs = read_documents("forget.jsonl")   # [{"text": ...}, ...]
     >>> forget = tokenize_documents(tokenizer, world.corpus("forget_attack"), max_len=128)
     >>> retain = tokenize_documents(tokenizer, world.corpus("retain"), max_len=128)
+    >>> forget = forget.with_token_masks(forget.value_masks)   # optional: value tokens only
     >>> batches = PairedBatches(forget, retain, batch_size=16, seed=0)
     >>> forget_batch, retain_batch = batches.at(step=0)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -149,16 +154,53 @@ class TokenizedDocuments:
     """Per token: does it overlap a value span of the document's facts."""
     pad_id: int
     """Id used for padding."""
+    offsets: list[list[tuple[int, int]]] | None = None
+    """Per token: its character span in the document's text ((0, 0) for the BOS separator); None
+    for rows built by hand."""
+    token_masks: list[list[bool]] | None = None
+    """Per token: may a forget loss score it (`Batch.token_mask`); None: every token may."""
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def batch(self, rows: Sequence[int], use_value_mask: bool = False) -> Batch:
+    def with_token_masks(self, masks: Sequence[Sequence[bool]]) -> TokenizedDocuments:
+        """The same rows with per-token loss masks (one bool per token of every row).
+
+        Raises:
+            ValueError: A mask with another number of rows, or a row of another length.
+        """
+        if len(masks) != len(self.ids):
+            raise ValueError(
+                f"the token mask has {len(masks)} rows but there are {len(self.ids)} documents: "
+                "make the mask for these documents (same data, --max_forget_docs and --max_len)"
+            )
+        bad = [
+            i
+            for i, (row, mask) in enumerate(zip(self.ids, masks, strict=True))
+            if len(row) != len(mask)
+        ]
+        if bad:
+            i = bad[0]
+            raise ValueError(
+                f"the token mask's row {i} has {len(masks[i])} tokens but document {i} has "
+                f"{len(self.ids[i])} ({len(bad)} rows differ): make the mask with the same "
+                "tokenizer and --max_len"
+            )
+        return dataclasses.replace(self, token_masks=[[bool(x) for x in row] for row in masks])
+
+    def selecting_rows(self) -> list[int]:
+        """Rows whose token mask selects at least one token (every row without a mask)."""
+        if self.token_masks is None:
+            return list(range(len(self)))
+        return [i for i, mask in enumerate(self.token_masks) if any(mask)]
+
+    def batch(self, rows: Sequence[int]) -> Batch:
         """Pad the given rows into a `Batch` (right padding, to the longest row).
+
+        `token_mask` is the rows' token masks, or every real token without them.
 
         Args:
             rows: Document indices.
-            use_value_mask: Make `token_mask` the value tokens only (else every real token).
         """
         width = max(len(self.ids[i]) for i in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -168,12 +210,23 @@ class TokenizedDocuments:
             n = len(self.ids[i])
             ids[r, :n] = torch.tensor(self.ids[i])
             attention[r, :n] = 1
-            token_mask[r, :n] = torch.tensor(self.value_masks[i]) if use_value_mask else True
+            token_mask[r, :n] = torch.tensor(self.token_masks[i]) if self.token_masks else True
         return Batch(ids, attention, token_mask, torch.tensor(list(rows), dtype=torch.long))
 
     def batches(self, size: int) -> list[Batch]:
         """Every row in order, in consecutive batches of `size` rows (the last may be smaller)."""
         return [self.batch(range(i, min(i + size, len(self)))) for i in range(0, len(self), size)]
+
+
+def overlap_mask(
+    offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
+) -> list[bool]:
+    """Per token: does its character span overlap any of `spans` (half-open intervals).
+
+    A token [a, b) overlaps a span [start, end) when a < end and b > start; an empty token span
+    (the BOS separator's (0, 0)) overlaps nothing.
+    """
+    return [any(a < end and b > start for start, end in spans) for a, b in offsets]
 
 
 def tokenize_documents(
@@ -183,6 +236,9 @@ def tokenize_documents(
     prepend_bos: bool = True,
 ) -> TokenizedDocuments:
     """Tokenize documents one per row, truncated to `max_len` tokens, with value-token masks.
+
+    Each row keeps its tokens' character spans (`TokenizedDocuments.offsets`), so a token mask
+    made from the text (`unlearn.selection`) lines up with these very rows.
 
     Args:
         tokenizer: A Hugging Face fast tokenizer (offsets are needed for value masks).
@@ -201,28 +257,31 @@ def tokenize_documents(
     encoded = tokenizer(
         [doc["text"] for doc in documents], add_special_tokens=False, return_offsets_mapping=True
     )
-    all_ids, all_masks = [], []
+    all_ids, all_masks, all_offsets = [], [], []
     for doc, ids, offsets in zip(
         documents, encoded["input_ids"], encoded["offset_mapping"], strict=True
     ):
         if not ids:
             raise ValueError(f"document {doc.get('id', doc['text'][:40])!r} has no tokens")
-        spans = [(start, end) for *_, start, end in doc.get("facts", [])]
-        mask = [any(a < end and b > start for start, end in spans) for a, b in offsets]
+        offsets = [(int(a), int(b)) for a, b in offsets]
         if prepend_bos and bos is not None:
-            ids, mask = [bos, *ids], [False, *mask]
+            ids, offsets = [bos, *ids], [(0, 0), *offsets]
+        spans = [(start, end) for *_, start, end in doc.get("facts", [])]
         all_ids.append(ids[:max_len])
-        all_masks.append(mask[:max_len])
-    return TokenizedDocuments(all_ids, all_masks, pad)
+        all_offsets.append(offsets[:max_len])
+        all_masks.append(overlap_mask(offsets[:max_len], spans))
+    return TokenizedDocuments(all_ids, all_masks, pad, all_offsets)
 
 
 class PairedBatches:
     """Forget and retain batches for every optimizer step, deterministic in (seed, step).
 
     Each data set is walked in a fresh random order every epoch (an epoch of the forget set and of
-    the retain set end independently). Step `s` takes rows `[s*B, (s+1)*B)` of that infinite
-    stream; under DDP, rank `r` of `w` takes its contiguous share of those `B` rows, and a
-    micro-batch is a contiguous share of the rank's rows.
+    the retain set end independently). With token masks on the forget set, its walk skips the rows
+    whose mask selects no token (`TokenizedDocuments.selecting_rows`): they have nothing for a
+    forget loss to score, and a batch of only such rows would have no loss at all. Step `s` takes
+    rows `[s*B, (s+1)*B)` of that infinite stream; under DDP, rank `r` of `w` takes its contiguous
+    share of those `B` rows, and a micro-batch is a contiguous share of the rank's rows.
     """
 
     def __init__(
@@ -231,27 +290,33 @@ class PairedBatches:
         retain: TokenizedDocuments,
         batch_size: int,
         seed: int = 0,
-        use_value_mask: bool = False,
     ) -> None:
         """Pair two tokenized data sets.
 
         Args:
-            forget: Forget documents.
-            retain: Retain documents.
+            forget: Forget documents (with token masks for per-token unlearning).
+            retain: Retain documents (their batches' `token_mask` is every real token).
             batch_size: Global rows per optimizer step, from each data set.
             seed: Seed of the epoch orders.
-            use_value_mask: Forget batches' `token_mask` marks value tokens only.
 
         Raises:
-            ValueError: `batch_size` < 1, or an empty data set.
+            ValueError: `batch_size` < 1, an empty data set, or forget token masks that select
+                no token at all.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         for name, docs in (("forget", forget), ("retain", retain)):
             if len(docs) == 0:
                 raise ValueError(f"the {name} data set is empty: nothing to batch")
+        self.forget_rows = forget.selecting_rows()
+        """The forget rows the batches walk (those whose token mask selects a token)."""
+        if not self.forget_rows:
+            raise ValueError(
+                "the forget token mask selects no token of any document: nothing to unlearn; "
+                "check --token_mask"
+            )
         self.forget, self.retain = forget, retain
-        self.batch_size, self.seed, self.use_value_mask = batch_size, seed, use_value_mask
+        self.batch_size, self.seed = batch_size, seed
         self._orders: dict[tuple[int, int], list[int]] = {}
 
     def _order(self, n_docs: int, salt: int, epoch: int) -> list[int]:
@@ -264,13 +329,14 @@ class PairedBatches:
             }
         return self._orders[key]
 
-    def _rows(self, n_docs: int, salt: int, step: int) -> list[int]:
+    def _rows(self, pool: Sequence[int], salt: int, step: int) -> list[int]:
+        n_docs = len(pool)
         positions = range(step * self.batch_size, (step + 1) * self.batch_size)
-        return [self._order(n_docs, salt, p // n_docs)[p % n_docs] for p in positions]
+        return [pool[self._order(n_docs, salt, p // n_docs)[p % n_docs]] for p in positions]
 
     def rows_at(self, step: int) -> tuple[list[int], list[int]]:
         """Global forget and retain row indices of optimizer step `step`."""
-        return (self._rows(len(self.forget), 1, step), self._rows(len(self.retain), 2, step))
+        return (self._rows(self.forget_rows, 1, step), self._rows(range(len(self.retain)), 2, step))
 
     def at(
         self, step: int, rank: int = 0, world_size: int = 1, micro: int = 0, n_micro: int = 1
@@ -289,6 +355,6 @@ class PairedBatches:
         start = (rank * n_micro + micro) * share
         forget_rows, retain_rows = self.rows_at(step)
         return (
-            self.forget.batch(forget_rows[start : start + share], self.use_value_mask),
+            self.forget.batch(forget_rows[start : start + share]),
             self.retain.batch(retain_rows[start : start + share]),
         )

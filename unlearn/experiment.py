@@ -7,11 +7,14 @@ evaluation and saving). `run_method` runs any registered method (`unlearn.method
 checks every input and claims the output directory before any model loads (`start_run`: files
 exist and parse, the folder holds nothing of another run), loads the model and data, lets the
 method prepare its plan (`Registration.build`: teacher selection, targets, ...), evaluates the
-model, trains every phase of the plan through the training core (`unlearn.training.train_plan`),
+model, resolves the forget token mask of per-token unlearning (`--token_mask`: the value tokens,
+a selector's mask computed on the model before unlearning, or a mask file; `unlearn.selection`),
+trains every phase of the plan through the training core (`unlearn.training.train_plan`),
 evaluates it again and writes, into the output directory:
 
     run_key.json      what the run is keyed by: recipe, config, input content, code version
-    run_info.json     the full config, git SHA, machine and command line
+    run_info.json     the full config, git SHA, machine and command line (and where the
+                      token mask came from, with the share of forget tokens it selects)
     metrics.jsonl     losses, coefficients and evaluations over steps
     training.png      those curves
     model/            the unlearned model (LoRA merged) and its tokenizer
@@ -43,6 +46,13 @@ from unlearn.models import LoadedModel, load_model, model_key
 from unlearn.plots import plot_training
 from unlearn.provenance import write_run_info
 from unlearn.runs import check_choices, claim_run_dir
+from unlearn.selection import (
+    MASK_FILE,
+    NEEDS_KEYWORDS,
+    SelectionInputs,
+    resolve_token_mask,
+    token_mask_source,
+)
 from unlearn.toyworld import MODEL_NAMES, build_world, get_preset
 from unlearn.toyworld.world import DEV, TEST, ToyWorld
 from unlearn.training import TrainResult, train_plan
@@ -159,6 +169,7 @@ def check_inputs(
         if data_cfg.eval_items is not None:
             read_item_splits(data_cfg.eval_items)
             keys["eval_items"] = content_key(Path(data_cfg.eval_items).expanduser())
+        keys |= token_mask_key(data_cfg.token_mask, is_toy)
     for name, path in (documents or {}).items():
         if path is not None:
             read_documents(path, f"--{name}")
@@ -176,6 +187,29 @@ def check_inputs(
         if model is not None:
             keys[name] = model_key(model)
     return keys
+
+
+def token_mask_key(spec: str, is_toy: bool) -> dict[str, str]:
+    """Check a `--token_mask` value before anything loads, and key a mask file's content.
+
+    Returns:
+        {"token_mask": content key} for a mask file (one of the run's inputs); {} otherwise (the
+        value itself is in the config, and a selector's defaults are code).
+
+    Raises:
+        ValueError: An unknown value, or a keyword-based selector outside the toy world.
+    """
+    source = token_mask_source(spec)
+    if source == "selector" and spec in NEEDS_KEYWORDS and not is_toy:
+        raise ValueError(
+            f"--token_mask {spec} needs keywords, which only the toy world has: make the mask "
+            f"with python -m recipes.select_tokens --selector {spec} --keywords <file> and pass "
+            "its path"
+        )
+    if source != "file":
+        return {}  # the value, in the config, keys it; a selector's defaults are code
+    path = Path(spec).expanduser()
+    return {"token_mask": content_key(path if path.is_file() else path / MASK_FILE)}
 
 
 def start_run(
@@ -252,6 +286,64 @@ def load_setup(model_cfg: ModelConfig, data_cfg: DataConfig, weights: str | None
         device=model_cfg.device,
     )
     return Setup(loaded, forget, retain, items, world, test_items)
+
+
+def model_identity(run_key: Mapping[str, Any], model_cfg: ModelConfig) -> str:
+    """The model a run reads, as the selection cache keys it: content, revision and dtype."""
+    return f"{run_key['inputs']['model']}@{model_cfg.revision}:{model_cfg.dtype}"
+
+
+def selection_inputs(
+    setup: Setup,
+    data_cfg: DataConfig,
+    model_key: str,
+    keywords: list[str] | None = None,
+    model: nn.Module | None = None,
+) -> SelectionInputs:
+    """What a token selector reads in this setup: its model, documents, dev items and keywords.
+
+    Args:
+        setup: The loaded model and data.
+        data_cfg: The data settings (row length).
+        model_key: Key of the model (`model_identity`; the selection cache's).
+        keywords: The keywords (default: the toy world's, or none outside it).
+        model: The model to read (default: the setup's, as loaded).
+    """
+    if keywords is None and setup.world is not None:
+        keywords = setup.world.keywords()
+    return SelectionInputs(
+        model=model if model is not None else setup.loaded.hf_model,
+        tokenizer=setup.loaded.tokenizer,
+        forget_docs=setup.forget_docs,
+        retain_docs=setup.retain_docs,
+        max_len=data_cfg.max_len,
+        model_key=model_key,
+        dev_items=[item for splits in setup.items.values() for item in splits.get(DEV, [])],
+        keywords=keywords,
+    )
+
+
+def forget_token_masks(
+    setup: Setup, data_cfg: DataConfig, model_key: str, model: nn.Module | None = None
+) -> tuple[list[list[bool]] | None, dict[str, Any]]:
+    """The forget rows' token masks that `--token_mask` names (None for "all"), and a record.
+
+    Raises:
+        ValueError: See `unlearn.selection.resolve_token_mask`.
+    """
+    if token_mask_source(data_cfg.token_mask) == "all":
+        return None, {}
+    forget = tokenize_documents(setup.loaded.tokenizer, setup.forget_docs, data_cfg.max_len)
+    masks, record = resolve_token_mask(
+        data_cfg.token_mask,
+        forget,
+        lambda: selection_inputs(setup, data_cfg, model_key, model=model),
+    )
+    assert masks is not None  # only "all" resolves to no mask
+    selected = sum(map(sum, masks))
+    record["token_mask_fraction"] = selected / sum(len(row) for row in masks)
+    print(f"token mask {data_cfg.token_mask}: {record['token_mask_fraction']:.1%} of forget tokens")
+    return masks, record
 
 
 def evaluate(
@@ -339,6 +431,9 @@ def run_method(
     torch.manual_seed(train_cfg.seed)
     setup = load_setup(model_cfg, data_cfg)
     model, tokenizer = setup.loaded.hf_model.float(), setup.loaded.tokenizer
+    masks, mask_info = forget_token_masks(
+        setup, data_cfg, model_identity(run_key, model_cfg), model
+    )
     context = Context(
         model=model,
         tokenizer=tokenizer,
@@ -353,14 +448,16 @@ def run_method(
         world=setup.world,
     )
     plan = method.build(method_cfg, context)
-    write_run_info(out, {**config, **plan.info})
+    write_run_info(out, {**config, **plan.info, **mask_info})
     torch.manual_seed(train_cfg.seed)
     headline = data_cfg.eval_template
     before = {
         **evaluate(model, tokenizer, setup.items, headline),
         **report(model, tokenizer, setup),
     }
-    trained = _train_phases(model, plan, setup, data_cfg, train_cfg, out, run_key["key"], method)
+    trained = _train_phases(
+        model, plan, setup, data_cfg, train_cfg, out, run_key["key"], method, masks
+    )
     after = {
         **evaluate(trained[-1].model, tokenizer, setup.items, headline),
         **report(trained[-1].model, tokenizer, setup),
@@ -377,15 +474,16 @@ def _train_phases(
     out: Path,
     run_key: str,
     method: Registration,
+    masks: list[list[bool]] | None = None,
 ) -> list[TrainResult]:
-    """Batch the data and run the plan's phases with the training core."""
+    """Batch the data (the forget rows with their token masks) and run the plan's phases."""
     tokenizer, headline = setup.loaded.tokenizer, data_cfg.eval_template
+    forget = tokenize_documents(tokenizer, setup.forget_docs, data_cfg.max_len)
     batches = PairedBatches(
-        tokenize_documents(tokenizer, setup.forget_docs, data_cfg.max_len),
+        forget if masks is None else forget.with_token_masks(masks),
         tokenize_documents(tokenizer, setup.retain_docs, data_cfg.max_len),
         batch_size=data_cfg.batch_size,
         seed=train_cfg.seed,
-        use_value_mask=data_cfg.use_value_mask,
     )
     eval_items = {
         kind: {s: v for s, v in splits.items() if s in (DEV, "retain")}

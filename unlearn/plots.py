@@ -175,3 +175,52 @@ def plot_recovery(
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_token_masks(
+    documents: list[list[tuple[str, bool, bool]]],
+    path: str | Path,
+    title: str = "",
+    width: int = 100,
+) -> Path:
+    """A few documents token by token: selected tokens shaded, ground-truth tokens underlined.
+
+    Args:
+        documents: Per document, its tokens as (text, selected, ground truth).
+        path: Where to write the PNG.
+        title: Figure title (the selector and its scores).
+        width: Characters per line before a document wraps.
+    """
+    lines: list[list[tuple[int, str, bool, bool]]] = []  # (column, text, selected, truth)
+    for tokens in documents:
+        lines.append([])
+        for text, selected, truth in tokens:
+            text = text.replace("\n", " ")
+            if lines[-1] and lines[-1][-1][0] + len(lines[-1][-1][1]) + len(text) > width:
+                lines.append([])
+            column = lines[-1][-1][0] + len(lines[-1][-1][1]) if lines[-1] else 0
+            lines[-1].append((column, text, selected, truth))
+        lines.append([])  # a blank line between documents
+    char = 0.075  # inches per monospace character at font size 9
+    fig, ax = plt.subplots(figsize=(width * char + 0.6, 0.26 * len(lines) + 0.9))
+    ax.set_xlim(0, width)
+    ax.set_ylim(len(lines), -1)
+    ax.axis("off")
+    for row, line in enumerate(lines):
+        for column, text, selected, truth in line:
+            ax.text(
+                column,
+                row,
+                text,
+                family="monospace",
+                fontsize=9,
+                va="center",
+                bbox={"facecolor": "orange", "alpha": 0.6, "pad": 0.5, "linewidth": 0}
+                if selected
+                else None,
+            )
+            if truth:
+                ax.plot([column, column + len(text)], [row + 0.35] * 2, color="tab:blue", lw=1.5)
+    ax.set_title(f"{title}\nshaded: selected; underlined: ground-truth value token", fontsize=9)
+    fig.subplots_adjust(left=0.03, right=0.97, top=1 - 0.7 / fig.get_figheight(), bottom=0.02)
+    return save_figure(fig, path)

@@ -250,9 +250,8 @@ def _unknown_setting(config_cls: type, hints: dict[str, Any], name: str, prefix:
         nested = _dataclass_type(hint)
         if nested is not None and name in {f.name for f in dataclasses.fields(nested)}:
             return f"{prefix}{name} belongs to a group: write it as {prefix}{group}.{name}"
-    return (
-        f"{prefix}{name} is not a setting of {config_cls.__name__}; its settings: "
-        + ", ".join(hints)
+    return f"{prefix}{name} is not a setting of {config_cls.__name__}; its settings: " + ", ".join(
+        hints
     )
 
 

@@ -89,7 +89,7 @@ def test_batch_pads_on_the_right(tokenizer):
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 0, 0, 0], [1] * 7]
     assert batch.attention_mask.dtype == torch.long and batch.input_ids.dtype == torch.long
     assert batch.token_mask.tolist() == [[True] * 4 + [False] * 3, [True] * 7]
-    values = docs.batch([1, 0], use_value_mask=True).token_mask
+    values = docs.with_token_masks(docs.value_masks).batch([1, 0]).token_mask
     assert values.tolist() == [
         [False, True, False, False, False, False, False],
         [False, True, True, False, False, True, False],
@@ -166,9 +166,45 @@ def test_rank_and_micro_slices_partition_the_global_batch(tokenizer):
 
 def test_value_mask_applies_to_forget_batches_only(tokenizer):
     docs = tokenize_documents(tokenizer, [ALICE], max_len=16)
-    forget, retain = PairedBatches(docs, docs, batch_size=1, use_value_mask=True).at(0)
-    assert forget.token_mask.tolist() == [[False, True, True, False, False, True, False]]
-    assert retain.token_mask.tolist() == [[True] * 7]
+    forget = docs.with_token_masks(docs.value_masks)
+    forget_batch, retain_batch = PairedBatches(forget, docs, batch_size=1).at(0)
+    assert forget_batch.token_mask.tolist() == [[False, True, True, False, False, True, False]]
+    assert retain_batch.token_mask.tolist() == [[True] * 7]
+    # The mask selects loss positions only: ids and attention are those of the unmasked rows.
+    plain, _ = PairedBatches(docs, docs, batch_size=1).at(0)
+    assert torch.equal(forget_batch.input_ids, plain.input_ids)
+    assert torch.equal(forget_batch.attention_mask, plain.attention_mask)
+
+
+def test_offsets_are_each_tokens_character_span_bos_empty(tokenizer):
+    docs = tokenize_documents(tokenizer, [ALICE], max_len=16)
+    assert docs.offsets == [[(0, 0), (0, 5), (6, 11), (12, 17), (18, 20), (21, 26), (26, 27)]]
+    assert tokenize_documents(tokenizer, [ALICE], max_len=3).offsets == [[(0, 0), (0, 5), (6, 11)]]
+
+
+def test_token_masks_must_fit_the_rows(tokenizer):
+    docs = _docs(tokenizer, 3)  # rows of 2, 3 and 4 tokens
+    with pytest.raises(ValueError, match="2 rows but there are 3 documents"):
+        docs.with_token_masks([[True, True], [True] * 3])
+    with pytest.raises(ValueError, match="row 1 has 2 tokens but document 1 has 3"):
+        docs.with_token_masks([[True, True], [True, True], [True] * 4])
+
+
+def test_batches_walk_only_rows_whose_mask_selects_a_token(tokenizer):
+    """Rows 1 and 3 select nothing: every step's forget rows come from 0, 2, 4, 5, each epoch a
+    permutation of them; retain batches are unaffected; a mask selecting nothing is refused."""
+    docs = _docs(tokenizer, 6)
+    masks = [[False] + [i not in (1, 3)] * (len(row) - 1) for i, row in enumerate(docs.ids)]
+    forget = docs.with_token_masks(masks)
+    assert forget.selecting_rows() == [0, 2, 4, 5]
+    batches = PairedBatches(forget, docs, batch_size=2, seed=3)
+    seen = [row for step in range(4) for row in batches.rows_at(step)[0]]
+    assert sorted(seen[:4]) == sorted(seen[4:]) == [0, 2, 4, 5]
+    unmasked = PairedBatches(docs, docs, batch_size=2, seed=3)
+    assert [batches.rows_at(s)[1] for s in range(4)] == [unmasked.rows_at(s)[1] for s in range(4)]
+    nothing = docs.with_token_masks([[False] * len(row) for row in docs.ids])
+    with pytest.raises(ValueError, match="selects no token of any document"):
+        PairedBatches(nothing, docs, batch_size=2)
 
 
 def test_uneven_split_raises(tokenizer):

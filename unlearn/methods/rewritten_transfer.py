@@ -411,7 +411,7 @@ REGISTRATION = Registration(
         rewritten_ce_coef=2.0,
         retain=RetainSettings(retain_coef=8.0, retain_ramp="constant"),
     ),
-    data=lambda: DataConfig(batch_size=32, use_value_mask=True),
+    data=lambda: DataConfig(batch_size=32, token_mask="values"),
     training=lambda: TrainingConfig(num_steps=300, optim=OptimSettings(lr=2e-3)),
     inputs=_inputs,
 )

@@ -11,6 +11,8 @@ Layout of a world directory (`$UNLEARN_HOME/toyworld/<preset>-<config hash>/`):
     models/unfiltered/          final model (save_pretrained) + checkpoints/step<N>/
     models/filtered/            the twin pretrained without forget documents, same layout
     evals.json                  accuracy of every checkpoint (filled while building)
+    keywords.txt                the forget domain's keywords (`ToyWorld.keyword_file`; written on
+                                first use, for the keyword selector of `unlearn.selection`)
     report.json, accuracy.png   the build report and its plot
     COMPLETE                    written last; a world without it is (re)built
     ../<preset>-<hash>.lock     the build lock (next to the world, so `force` cannot delete it)
@@ -31,6 +33,7 @@ from typing import Any
 
 from unlearn.toyworld.atomic import writing
 from unlearn.toyworld.config import ToyWorldConfig
+from unlearn.toyworld.domains import DOMAINS
 from unlearn.toyworld.generator import ITEM_SPLITS
 
 HELDOUT = "forget_heldout"
@@ -40,6 +43,9 @@ HELDOUT_PARTS = (DEV, TEST)
 """Held-out pathogens split by entity: dev (every choice) and test (reported only)."""
 TUNING_SPLITS = ("forget_attack", DEV, "retain")
 """Item splits that tuning, selection and monitoring may score."""
+
+KEYWORD_FILE = "keywords.txt"
+"""The world's keyword file (next to data/, so the data's content key does not change)."""
 
 MODEL_NAMES = ("unfiltered", "filtered")
 """The two pretrained models of a world."""
@@ -192,6 +198,32 @@ class ToyWorld:
     def test_items(self, template: str | None = None) -> list[dict[str, Any]]:
         """The held-out test items (both templates by default): for final reporting only."""
         return self.items(TEST, template)
+
+    def keywords(self) -> list[str]:
+        """The forget domain's keywords: pathogen names, then attribute values.
+
+        Names in generation order (every split's), then every value the domain has, in domain
+        order.
+
+        Raises:
+            FileNotFoundError: The world has not been built.
+        """
+        path = self.root / "data" / "facts.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is missing; build the world with python -m recipes.toyworld"
+            )
+        names = [row["entity"] for row in read_jsonl(path) if row["split"] != "retain"]
+        values = [value for values in DOMAINS["forget"].values.values() for value in values]
+        return list(dict.fromkeys(names + values))
+
+    def keyword_file(self) -> Path:
+        """The keyword file (one keyword a line, `keywords()`), written on first use."""
+        path = self.root / KEYWORD_FILE
+        if not path.exists():
+            with writing(path) as tmp:
+                tmp.write_text("".join(f"{keyword}\n" for keyword in self.keywords()))
+        return path
 
     def report(self) -> dict[str, Any]:
         """The build report (report.json).
