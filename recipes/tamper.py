@@ -36,6 +36,7 @@ from typing import Any, Literal
 import simple_parsing
 
 from unlearn.experiment import TOYWORLD, DataConfig, ModelConfig, check_inputs, load_setup
+from unlearn.lm_eval_scoring import check_evaluator
 from unlearn.provenance import write_run_info
 from unlearn.runs import check_choices, parse_config, run_recipe
 from unlearn.tamper import ATTACK_PRESETS, AttackSettings
@@ -132,6 +133,7 @@ def main(cfg: Config) -> dict:
         print(f"wrote {out / PLOT_FILE}")
         return {}
     settings = cfg.attack
+    check_evaluator(settings.evaluator)
     write_run_info(out, asdict(cfg), attack_settings=asdict(settings))
 
     defaults = ModelConfig(

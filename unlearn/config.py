@@ -130,6 +130,9 @@ class DataConfig:
     retain, optionally forget_attack; default: the toy world's items."""
     eval_template: Literal["reserved", "seen"] = "reserved"
     """Which toy-world template the headline numbers use (the other is reported too)."""
+    evaluator: Literal["builtin", "lm_eval"] = "builtin"
+    """Who scores the items: the built-in scorer (`unlearn.eval`: BOS first, ties share credit)
+    or lm-eval in process (`unlearn.lm_eval_scoring`; needs `pip install -e ".[real]"`)."""
     max_len: int = 128
     """Longest document row in tokens."""
     batch_size: int = 16

@@ -39,8 +39,9 @@ from torch import nn
 
 from unlearn.config import TOYWORLD, DataConfig, ModelConfig, TrainingConfig
 from unlearn.data import PairedBatches, read_documents, read_items, tokenize_documents
-from unlearn.eval import evaluate_mc, reporting
+from unlearn.eval import reporting
 from unlearn.keys import content_key
+from unlearn.lm_eval_scoring import Evaluator, check_evaluator, evaluate_with
 from unlearn.methods import Context, Plan, Registration
 from unlearn.models import LoadedModel, load_model, model_key
 from unlearn.plots import plot_training
@@ -150,6 +151,7 @@ def check_inputs(
         ValueError: Missing data for a non-toy model, a malformed file (file and line named), or
             a batch size that grad_accum does not divide.
         FileNotFoundError: A missing file, directory or model.
+        ImportError: `--evaluator lm_eval` without lm-eval installed.
     """
     keys: dict[str, str] = {}
     is_toy = model_cfg.model.split(":")[0] == TOYWORLD
@@ -170,6 +172,7 @@ def check_inputs(
             read_item_splits(data_cfg.eval_items)
             keys["eval_items"] = content_key(Path(data_cfg.eval_items).expanduser())
         keys |= token_mask_key(data_cfg.token_mask, is_toy)
+        check_evaluator(data_cfg.evaluator)
     for name, path in (documents or {}).items():
         if path is not None:
             read_documents(path, f"--{name}")
@@ -347,18 +350,23 @@ def forget_token_masks(
 
 
 def evaluate(
-    model: nn.Module, tokenizer: Any, items: Mapping[str, Mapping[str, Sequence]], headline: str
+    model: nn.Module,
+    tokenizer: Any,
+    items: Mapping[str, Mapping[str, Sequence]],
+    headline: str,
+    evaluator: Evaluator = "builtin",
 ) -> dict[str, float]:
     """Accuracy on every (tuning) item split, plus `dev_forget_acc`: dev forget over all kinds.
 
-    Keys are `<split>_acc` for the headline template kind and `<split>_acc_<kind>` for the others.
+    Keys are `<split>_acc` for the headline template kind and `<split>_acc_<kind>` for the others;
+    `evaluator` scores the items (`unlearn.lm_eval_scoring.evaluate_with`).
     """
     scores: dict[str, float] = {}
     dev_credit: list[float] = []
     for kind, splits in items.items():
         suffix = "" if kind in (headline, "items") else f"_{kind}"
         for split, split_items in splits.items():
-            result = evaluate_mc(model, tokenizer, split_items)
+            result = evaluate_with(evaluator, model, tokenizer, split_items)
             scores[f"{split}_acc{suffix}"] = result.acc
             if split == DEV:
                 dev_credit += result.correct
@@ -367,7 +375,9 @@ def evaluate(
     return scores
 
 
-def report(model: nn.Module, tokenizer: Any, setup: Setup) -> dict[str, float]:
+def report(
+    model: nn.Module, tokenizer: Any, setup: Setup, evaluator: Evaluator = "builtin"
+) -> dict[str, float]:
     """Final reporting: test forget accuracy (`forget_acc`, both template kinds) and retain.
 
     The only place an unlearning run scores test items (`unlearn.eval.reporting`); nothing
@@ -380,8 +390,8 @@ def report(model: nn.Module, tokenizer: Any, setup: Setup) -> dict[str, float]:
         raise ValueError("no test items to report on: the setup was loaded without them")
     kind = "items" if "items" in setup.items else "reserved"
     with reporting():
-        forget = evaluate_mc(model, tokenizer, setup.test_items)
-        retain = evaluate_mc(model, tokenizer, setup.items[kind]["retain"])
+        forget = evaluate_with(evaluator, model, tokenizer, setup.test_items)
+        retain = evaluate_with(evaluator, model, tokenizer, setup.items[kind]["retain"])
     return {"forget_acc": forget.acc, "retain_acc": retain.acc}
 
 
@@ -450,17 +460,17 @@ def run_method(
     plan = method.build(method_cfg, context)
     write_run_info(out, {**config, **plan.info, **mask_info})
     torch.manual_seed(train_cfg.seed)
-    headline = data_cfg.eval_template
+    headline, evaluator = data_cfg.eval_template, data_cfg.evaluator
     before = {
-        **evaluate(model, tokenizer, setup.items, headline),
-        **report(model, tokenizer, setup),
+        **evaluate(model, tokenizer, setup.items, headline, evaluator),
+        **report(model, tokenizer, setup, evaluator),
     }
     trained = _train_phases(
         model, plan, setup, data_cfg, train_cfg, out, run_key["key"], method, masks
     )
     after = {
-        **evaluate(trained[-1].model, tokenizer, setup.items, headline),
-        **report(trained[-1].model, tokenizer, setup),
+        **evaluate(trained[-1].model, tokenizer, setup.items, headline, evaluator),
+        **report(trained[-1].model, tokenizer, setup, evaluator),
     }
     return _write_outputs(out, method.name, plan, trained, tokenizer, before, after)
 
@@ -499,7 +509,7 @@ def _train_phases(
         lora=train_cfg.lora,
         seed=train_cfg.seed,
         desc=method.name,
-        eval_fn=lambda m: evaluate(m, tokenizer, eval_items, headline),
+        eval_fn=lambda m: evaluate(m, tokenizer, eval_items, headline, data_cfg.evaluator),
         eval_every=train_cfg.eval_every,
         save_every=train_cfg.save_every,
         on_nonfinite=train_cfg.on_nonfinite,

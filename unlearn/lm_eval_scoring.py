@@ -266,6 +266,20 @@ def evaluate_items_lm_eval(
         return run_lm_eval(model, tokenizer, [task], batch_size=batch_size)[task.name]
 
 
+def check_evaluator(evaluator: str) -> None:
+    """Check that an evaluator can run before any model loads.
+
+    Raises:
+        ValueError: An unknown evaluator.
+        ImportError: "lm_eval" without lm-eval or accelerate installed (says how to install).
+    """
+    if evaluator not in ("builtin", "lm_eval"):
+        raise ValueError(f"unknown evaluator {evaluator!r}; choose 'builtin' or 'lm_eval'")
+    if evaluator == "lm_eval":
+        _require("lm_eval", "--evaluator lm_eval")
+        _require("accelerate", "--evaluator lm_eval")
+
+
 def evaluate_with(
     evaluator: Evaluator, model: nn.Module, tokenizer: Any, items: Sequence[Mapping[str, Any]]
 ) -> MCResult:

@@ -38,7 +38,8 @@ from torch import nn
 from interventions import Read
 from unlearn.config import LoraSettings, OptimSettings
 from unlearn.data import PairedBatches, tokenize_documents
-from unlearn.eval import encode_credit, evaluate_mc, reporting
+from unlearn.eval import encode_credit, reporting
+from unlearn.lm_eval_scoring import evaluate_with
 from unlearn.losses import next_token_nll_loss
 from unlearn.methods.base import CONSTANT, FORGET, TRAINABLE, Term
 from unlearn.training import train
@@ -73,6 +74,8 @@ class AttackSettings:
     """Extra early evaluation steps, where fast recoveries happen."""
     seed: int = 0
     """Seed of the data order (and LoRA's initialization)."""
+    evaluator: Literal["builtin", "lm_eval"] = "builtin"
+    """Who scores the items at every evaluation (`unlearn.lm_eval_scoring.evaluate_with`)."""
 
     def __post_init__(self) -> None:
         """Check the settings.
@@ -262,7 +265,7 @@ def attack(
         scores: dict[str, float | str] = {}
         with reporting() if forget_split == "forget_test" else nullcontext():
             for split in (forget_split, "retain"):
-                result = evaluate_mc(m, tokenizer, eval_items[split])
+                result = evaluate_with(settings.evaluator, m, tokenizer, eval_items[split])
                 scores[f"{split}_acc"] = result.acc
                 scores[f"{split}_credit"] = encode_credit(result.correct)
         return scores

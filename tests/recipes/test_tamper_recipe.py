@@ -177,6 +177,7 @@ def test_every_attack_flag_overrides_the_preset(tmp_path, monkeypatch):
         "repair_steps": "2",
         "eval_every": "2",
         "seed": "9",
+        "evaluator": "lm_eval",
     }
     lists = {"betas": ["0.8", "0.9"], "early_evals": ["1", "3"], "lora_targets": ["q", "v"]}
     assert set(values) | set(lists) == flat_names(AttackSettings())

@@ -265,3 +265,27 @@ def test_offline_flags_are_set_and_restored(monkeypatch):
         assert os.environ["HF_DATASETS_OFFLINE"] == "1"
     assert (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS) == before
     assert "HF_DATASETS_OFFLINE" not in os.environ
+
+
+def test_a_recipe_scores_with_lm_eval_when_asked(tiny_home, tmp_path):
+    """`--evaluator lm_eval`: results.json holds lm-eval's scores of the saved model, recomputed
+    here from the model on disk (retain and dev forget) and inside `reporting()` (test forget)."""
+    from recipes.unlearn import config_class, run
+    from unlearn.models import load_model
+    from unlearn.runs import parse_config
+
+    out = tmp_path / "run"
+    flags = ["--world_preset", "tiny", "--num_steps", "2", "--batch_size", "4", "--eval_every", "0"]
+    cfg = parse_config(
+        config_class("lens_unlearn"), [*flags, "--evaluator", "lm_eval", "--out", str(out)]
+    )
+    results = run(cfg)
+    loaded = load_model(str(out / "model"))
+    model, tokenizer = loaded.hf_model.float(), loaded.tokenizer
+    retain = evaluate_items_lm_eval(model, tokenizer, tiny_home.items("retain"))
+    dev = evaluate_items_lm_eval(model, tokenizer, tiny_home.items("forget_dev"))
+    with reporting():
+        test = evaluate_items_lm_eval(model, tokenizer, tiny_home.test_items())
+    assert results["retain_acc"] == pytest.approx(retain.acc, abs=1e-9)
+    assert results["forget_dev_acc"] == pytest.approx(dev.acc, abs=1e-9)
+    assert results["forget_acc"] == pytest.approx(test.acc, abs=1e-9)
