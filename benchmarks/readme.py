@@ -265,6 +265,27 @@ def leaderboard_block(payload: dict[str, Any]) -> str:
     return f"{key}\n\n{table}\n\n{wall} {summary}"
 
 
+def token_selection_block(payload: dict[str, Any]) -> str:
+    """Each token selector's mask against the ground-truth value tokens (token_selection.json)."""
+    lines = [
+        "| selector | fraction selected | precision | recall | F1 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, row in payload["rows"].items():
+        lines.append(
+            f"| {name} | {row['fraction']:.3f} | {row['precision']:.3f} | {row['recall']:.3f} | "
+            f"{row['f1']:.3f} |"
+        )
+    note = (
+        f"{payload['n_documents']} attack-split forget documents ({payload['n_tokens']} tokens) of "
+        "the default toy world; each selector with its default settings (chosen on the dev "
+        "entities' documents: `python -m benchmarks.token_selection --tune`), scored token by "
+        "token against the documents' value tokens; `values` is the ground truth itself and `all "
+        "tokens` no selection."
+    )
+    return "\n".join(lines) + "\n\n" + note
+
+
 class Block(NamedTuple):
     """One generated block of the README."""
 
@@ -280,6 +301,7 @@ BLOCKS = {
     "tuned_lens": Block("tuned_lens_toyworld.json", tuned_lens_block),
     "retain_ablation": Block("retain_ablation_circuit_breakers.json", retain_ablation_block),
     "leaderboard": Block("leaderboard.json", leaderboard_block),
+    "token_selection": Block("token_selection.json", token_selection_block),
 }
 """Block name (as in the markers) -> its results file and renderer."""
 

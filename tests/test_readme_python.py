@@ -6,7 +6,7 @@ there). Two tables say what differs from a reader's session, and each entry must
 README, so an edited block cannot go silently unrun:
 
 - `NOT_RUN`: blocks that need what a CPU test machine lacks (a hub download, a GPU, an NDIF
-  account), found by a string they contain;
+  account, real data sets), found by a string they contain;
 - `REWRITES`: text replaced before running, for blocks written for the default world (a
   5.5-minute build) so that they run on the tiny one.
 
@@ -25,6 +25,8 @@ PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 NOT_RUN = {
     '"EleutherAI/deep-ignorance-pretraining-stage-unfiltered"': "downloads a hub model to a GPU",
     "set_default_api_key": "needs an NDIF account and the network",
+    "run_lm_eval(model, tokenizer, tasks)": "needs WMDP/MMLU data files (tests/unlearn/test_lm_eval.py"
+    " runs the same calls on stand-ins)",
 }
 REWRITES = {
     'get_preset("default"), preset="default"': 'get_preset("tiny"), preset="tiny"',
