@@ -44,7 +44,7 @@ from simple_parsing import parse
 from unlearn.config import DataConfig, ModelConfig
 from unlearn.experiment import Setup, load_setup, model_identity, selection_inputs
 from unlearn.models import model_key
-from unlearn.provenance import git_sha, machine, portable_path
+from unlearn.provenance import git_sha, machine, portable_path, portable_paths
 from unlearn.selection import (
     SELECTORS,
     ActivationSettings,
@@ -218,7 +218,7 @@ def _provenance(cfg: Config, setup: Setup) -> dict[str, Any]:
         "dirty": sha.endswith("+dirty"),
         "machine": machine(),
         "world": portable_path(setup.world.root),
-        "config": asdict(cfg),
+        "config": portable_paths(asdict(cfg)),
     }
 
 

@@ -7,7 +7,9 @@ import pytest
 
 from benchmarks.tune_dev import choose, default_lr, qualifies
 
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "tune_dev.json"
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+SWEEPS = ("tune_dev.json", "tune_dev_baselines.json")
+"""The committed sweeps: the library's methods, and the standard baselines (swept later)."""
 
 
 def _m(forget, retain, excess_max=0.0, excess_mean=0.0):
@@ -40,10 +42,19 @@ def test_choose_prefers_qualifying_then_excess_max_then_mean_then_the_default():
     assert choose(tie, 1.0, default="x") == "x"
 
 
-def test_every_recipes_default_lr_is_the_dev_sweeps_choice():
+@pytest.mark.parametrize("file", SWEEPS)
+def test_every_recipes_default_lr_is_the_dev_sweeps_choice(file):
     """Changing a default without rerunning `python -m benchmarks.tune_dev` fails here."""
-    sweep = json.loads(RESULTS.read_text())
+    sweep = json.loads((RESULTS / file).read_text())
     assert sweep["config"]["world_preset"] == "default"
     for method, result in sweep["methods"].items():
         chosen = result["settings"][result["chosen"]]["lr"]
         assert default_lr(method) == pytest.approx(chosen), method
+
+
+def test_every_registered_method_has_a_dev_sweep():
+    """A new method's default learning rate must come from a committed dev sweep too."""
+    from unlearn.methods import REGISTRY
+
+    swept = [m for file in SWEEPS for m in json.loads((RESULTS / file).read_text())["methods"]]
+    assert sorted(swept) == sorted(REGISTRY)

@@ -66,5 +66,5 @@ REGISTRATION = Registration(
     build=build,
     summary="Gradient difference: ascent on the forget text's NLL, descent on the retain text's.",
     data=lambda: DataConfig(batch_size=32),
-    training=lambda: TrainingConfig(num_steps=300, optim=OptimSettings(lr=3e-4)),
+    training=lambda: TrainingConfig(num_steps=300, optim=OptimSettings(lr=9e-4)),
 )

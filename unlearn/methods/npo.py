@@ -82,5 +82,5 @@ REGISTRATION = Registration(
     build=build,
     summary="Negative preference optimization: bounded ascent on forget text vs the frozen model.",
     data=lambda: DataConfig(batch_size=32),
-    training=lambda: TrainingConfig(num_steps=300, optim=OptimSettings(lr=1e-4)),
+    training=lambda: TrainingConfig(num_steps=300, optim=OptimSettings(lr=3e-4)),
 )

@@ -166,5 +166,5 @@ REGISTRATION = Registration(
     build=build,
     summary="RMU: one layer's forget activations pushed to a fixed random vector, MLPs only.",
     data=lambda: DataConfig(batch_size=32),
-    training=lambda: TrainingConfig(num_steps=300, optim=OptimSettings(lr=1e-3)),
+    training=lambda: TrainingConfig(num_steps=300, optim=OptimSettings(lr=3e-3)),
 )
