@@ -81,7 +81,12 @@ def is_reporting() -> bool:
     return _REPORTING.get()
 
 
-def _check_not_test(items: Sequence[Mapping[str, Any]]) -> None:
+def check_not_test(items: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse to score test items outside `reporting()` (every scorer calls this first).
+
+    Raises:
+        ReportOnlyItemsError: `items` holds forget_test items and the caller is not reporting.
+    """
     if _REPORTING.get():
         return
     n_test = sum(1 for item in items if item.get("split") == TEST_SPLIT)
@@ -302,7 +307,7 @@ def evaluate_mc(
         raise ValueError(
             "cannot evaluate an empty item set; check the split name and the data path"
         )
-    _check_not_test(items)
+    check_not_test(items)
     n_choices = {len(item["choices"]) for item in items}
     if len(n_choices) != 1:
         raise ValueError(f"all items need the same number of choices, found {sorted(n_choices)}")

@@ -54,7 +54,7 @@ from typing import Any, Literal
 from torch import nn
 
 from interventions import unwrap
-from unlearn.eval import TEST_SPLIT, MCResult, _check_not_test, evaluate_mc
+from unlearn.eval import TEST_SPLIT, MCResult, check_not_test, evaluate_mc
 from unlearn.lm_eval_tasks import METRICS, LocalTask, export_items, offline_datasets
 
 LM_EVAL_INSTALL = 'pip install -e ".[real]"'
@@ -172,7 +172,7 @@ def _check_task_set(tasks: Sequence[LocalTask]) -> None:
     n_test = sum(task.n_test for task in tasks)
     if n_test:
         # Same rule as the built-in scorer: test items only inside unlearn.eval.reporting().
-        _check_not_test([{"split": TEST_SPLIT}] * n_test)
+        check_not_test([{"split": TEST_SPLIT}] * n_test)
 
 
 def run_lm_eval(
@@ -257,7 +257,7 @@ def evaluate_items_lm_eval(
         unlearn.eval.ReportOnlyItemsError: Test items outside `unlearn.eval.reporting()`.
         LMEvalError: As `run_lm_eval`.
     """
-    _check_not_test(items)
+    check_not_test(items)
     if work_dir is not None:
         task = export_items(items, work_dir, name="unlearn_items")
         return run_lm_eval(model, tokenizer, [task], batch_size=batch_size)[task.name]

@@ -61,7 +61,7 @@ def test_no_code_path_but_final_reporting_scores_a_test_item(tiny_home, tmp_path
     from recipes import checkpoint_transfer, probe_unlearn, sequential, tuned_lens
 
     calls = []
-    original = eval_module._check_not_test
+    original = eval_module.check_not_test
 
     def spy(items):
         if any(item.get("split") == TEST for item in items):
@@ -69,7 +69,7 @@ def test_no_code_path_but_final_reporting_scores_a_test_item(tiny_home, tmp_path
             calls.append((eval_module.is_reporting(), frames & REPORTERS))
         return original(items)
 
-    monkeypatch.setattr(eval_module, "_check_not_test", spy)
+    monkeypatch.setattr(eval_module, "check_not_test", spy)
     tiny = "--world_preset tiny --num_steps 2 --batch_size 4"
     runs = [
         (checkpoint_transfer, f"{tiny} --margin 0.3 --map_docs 40 --tamper_steps 2"),
