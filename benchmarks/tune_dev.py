@@ -19,15 +19,21 @@ machine, git SHA) and tune_dev.md into --results. Runs go to --out (default
 `$UNLEARN_HOME/tune_dev/<preset>`), keyed like the leaderboard's (`unlearn.keys`): a killed sweep
 resumes.
 
+`--grid name=v1,v2 ...` sweeps further settings of the methods (flat flag names, e.g. NPO's
+`beta`) as a cross product with the learning rates; the chosen values then become the committed
+defaults too, and the test checks them the same way.
+
 Commands:
     python -m benchmarks.tune_dev                       # about 40 minutes on 2 CPU cores
     python -m benchmarks.tune_dev --methods lens_unlearn
+    python -m benchmarks.tune_dev --methods npo --grid beta=0.1,0.5,2 --results /tmp/npo
     python -m benchmarks.tune_dev --world_preset tiny --num_steps 2 \
         --unlearn_args "--num_steps 2 --batch_size 4" --results /tmp/tune   # smoke test
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import shlex
 import sys
@@ -39,6 +45,7 @@ from typing import Any, Literal
 from simple_parsing import parse
 
 from recipes.unlearn import config_class, run_keyed
+from unlearn.config import flat_names, flat_values
 from unlearn.experiment import DataConfig, ModelConfig, load_setup
 from unlearn.keys import content_key
 from unlearn.methods import REGISTRY
@@ -89,6 +96,9 @@ class Config:
     """Toy-world preset."""
     unlearn_args: str = ""
     """Extra flags for every recipe, as one string."""
+    grid: list[str] = field(default_factory=list)
+    """Further settings to sweep with the learning rates, each "name=v1,v2,..." (a flag of the
+    methods' recipes; the cross product of all is run)."""
     out: str | None = None
     """Where the runs go (default: $UNLEARN_HOME/tune_dev/<preset>)."""
     results: str = "benchmarks/results"
@@ -106,11 +116,68 @@ class Config:
         if unknown:
             raise ValueError(f"unknown methods {sorted(unknown)}; choose from {list(REGISTRY)}")
         suite(self.suite)
+        for method in self.methods:
+            grid_values(self.grid, method)
 
 
 def default_lr(name: str) -> float:
     """The method's committed default learning rate."""
     return float(config_class(name)().training.optim.lr)
+
+
+def grid_values(grid: list[str], method: str) -> dict[str, list[str]]:
+    """`--grid` entries as setting -> values, checked against the method's recipe flags.
+
+    Raises:
+        ValueError: A malformed entry, a repeated or unknown setting, or `lr` (always swept).
+    """
+    values: dict[str, list[str]] = {}
+    known = flat_names(config_class(method)())
+    for entry in grid:
+        name, sep, listed = entry.partition("=")
+        choices = [v for v in listed.split(",") if v]
+        if not sep or not name or not choices:
+            raise ValueError(f"--grid entry {entry!r} must look like name=v1,v2")
+        if name == "lr" or name in values or name not in known:
+            raise ValueError(
+                f"--grid setting {name!r} must be a flag of {method}'s recipe other than lr, "
+                f"given once; its flags: {', '.join(sorted(known - {'lr'}))}"
+            )
+        values[name] = choices
+    return values
+
+
+def candidates_of(method: str, grid: list[str]) -> list[tuple[str, float, dict[str, str]]]:
+    """(label, lr, further settings) of every setting swept for `method`."""
+    values = grid_values(grid, method)
+    combos = [
+        dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values())
+    ]
+    return [
+        (",".join([f"{lr:g}", *(f"{k}={v}" for k, v in extra.items())]), lr, extra)
+        for lr in lr_grid(method)
+        for extra in combos
+    ]
+
+
+def _default_label(method: str, grid: list[str]) -> str | None:
+    """The candidate holding the committed defaults (lr and every gridded setting), if swept."""
+    registered = flat_values(config_class(method)())
+    for label, lr, extra in candidates_of(method, grid):
+        same = all(same_setting(registered[name], value) for name, value in extra.items())
+        if lr == previous_lr(method) and same:
+            return label
+    return None
+
+
+def same_setting(value: Any, text: str) -> bool:
+    """Whether a setting's value is the one a flag value `text` gives."""
+    if isinstance(value, bool | str) or value is None:
+        return str(value).lower() == text.lower()
+    try:
+        return float(value) == float(text)
+    except (TypeError, ValueError):
+        return str(value) == text
 
 
 def qualifies(metrics: dict[str, Any], unfiltered_retain: float) -> bool:
@@ -184,20 +251,21 @@ def main(cfg: Config) -> dict[str, Any]:
     for method in cfg.methods:
         base = previous_lr(method)
         candidates: dict[str, dict[str, Any]] = {}
-        for lr in lr_grid(method):
-            run_dir = out / method / f"lr{lr:g}"
+        for label, lr, extra in candidates_of(method, cfg.grid):
+            run_dir = out / method / f"lr{label}"
+            flags = [item for name, value in extra.items() for item in (f"--{name}", value)]
             run, _ = run_keyed(
                 method,
-                [*args, "--lr", str(lr)],
+                [*args, "--lr", str(lr), *flags],
                 run_dir,
                 inputs={"world": content_key(world.root / "config.json")},
             )
             curves = Curves.from_records(
-                [_attacks(cfg, setup_args, run / "model", run_dir, f"{method} lr {lr:g}")]
+                [_attacks(cfg, setup_args, run / "model", run_dir, f"{method} lr {label}")]
             )
             metrics = point_metrics(curves, controls["filtered"], unfiltered_retain)
-            candidates[f"{lr:g}"] = {"lr": lr, **metrics}
-        chosen = choose(candidates, unfiltered_retain, default=f"{base:g}")
+            candidates[label] = {"lr": lr, **({"grid": extra} if extra else {}), **metrics}
+        chosen = choose(candidates, unfiltered_retain, default=_default_label(method, cfg.grid))
         methods[method] = {"previous_lr": base, "chosen": chosen, "settings": candidates}
         print(f"{method}: chose lr {chosen} (previous default {base:g})")
     sha = git_sha()

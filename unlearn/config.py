@@ -202,14 +202,19 @@ def _nested_type(hint: Any) -> type | None:
     )
 
 
-def flat_names(cfg: Any) -> set[str]:
-    """Every setting name of a (nested) config dataclass, as its command-line flags name them."""
-    names = set()
+def flat_values(cfg: Any) -> dict[str, Any]:
+    """Every setting of a (nested) config dataclass by its flag name, groups flattened."""
+    values: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         is_group = dataclasses.is_dataclass(value) and not isinstance(value, type)
-        names |= flat_names(value) if is_group else {f.name}
-    return names
+        values |= flat_values(value) if is_group else {f.name: value}
+    return values
+
+
+def flat_names(cfg: Any) -> set[str]:
+    """Every setting name of a (nested) config dataclass, as its command-line flags name them."""
+    return set(flat_values(cfg))
 
 
 def replace_flat(cfg: ConfigT, **values: Any) -> ConfigT:

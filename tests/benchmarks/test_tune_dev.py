@@ -5,7 +5,19 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.tune_dev import choose, default_lr, qualifies
+from benchmarks.tune_dev import (
+    Config,
+    candidates_of,
+    choose,
+    default_lr,
+    grid_values,
+    lr_grid,
+    main,
+    qualifies,
+    same_setting,
+)
+from recipes.unlearn import config_class
+from unlearn.config import flat_values
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 SWEEPS = sorted(path.name for path in RESULTS.glob("tune_dev*.json"))
@@ -49,8 +61,11 @@ def test_every_recipes_default_lr_is_the_dev_sweeps_choice(file):
     sweep = json.loads((RESULTS / file).read_text())
     assert sweep["config"]["world_preset"] == "default"
     for method, result in sweep["methods"].items():
-        chosen = result["settings"][result["chosen"]]["lr"]
-        assert default_lr(method) == pytest.approx(chosen), method
+        chosen = result["settings"][result["chosen"]]
+        assert default_lr(method) == pytest.approx(chosen["lr"]), method
+        registered = flat_values(config_class(method)())
+        for name, value in chosen.get("grid", {}).items():
+            assert same_setting(registered[name], value), (method, name)
 
 
 def test_every_registered_method_has_a_dev_sweep():
@@ -59,3 +74,44 @@ def test_every_registered_method_has_a_dev_sweep():
 
     swept = [m for file in SWEEPS for m in json.loads((RESULTS / file).read_text())["methods"]]
     assert sorted(swept) == sorted(REGISTRY)
+
+
+def test_grid_entries_are_checked_and_crossed_with_the_learning_rates():
+    assert grid_values(["beta=0.1,0.5", "gamma=0,1"], "simnpo") == {
+        "beta": ["0.1", "0.5"],
+        "gamma": ["0", "1"],
+    }
+    labels = [label for label, _, _ in candidates_of("simnpo", ["beta=0.1,0.5"])]
+    lrs = [f"{lr:g}" for lr in lr_grid("simnpo")]
+    assert len(lrs) == 3 and lrs[1] == f"{default_lr('simnpo'):g}"
+    assert labels == [f"{lr},beta={b}" for lr in lrs for b in ("0.1", "0.5")]
+    for bad in (["beta"], ["beta="], ["lr=1e-3"], ["beta=1", "beta=2"], ["betta=1"]):
+        with pytest.raises(ValueError, match="--grid"):
+            grid_values(bad, "simnpo")
+    assert same_setting(0.1, "0.1") and same_setting(True, "true") and not same_setting(0.1, "0.5")
+
+
+def test_a_grid_sweep_on_the_tiny_world_records_and_chooses_among_every_setting(
+    tiny_home, tmp_path
+):
+    cfg = Config(
+        methods=["simnpo"],
+        num_steps=2,
+        world_preset="tiny",
+        unlearn_args="--num_steps 2 --batch_size 4",
+        grid=["beta=0.1,0.5"],
+        out=str(tmp_path / "runs"),
+        results=str(tmp_path / "results"),
+    )
+    payload = main(cfg)
+    sweep = payload["methods"]["simnpo"]
+    expected = [label for label, _, _ in candidates_of("simnpo", cfg.grid)]
+    assert list(sweep["settings"]) == expected and sweep["chosen"] in expected
+    for label, entry in sweep["settings"].items():
+        assert label.endswith(f"beta={entry['grid']['beta']}")
+    assert sweep["chosen"] == choose(
+        sweep["settings"],
+        payload["unfiltered"]["retain_pre"],
+        default=f"{default_lr('simnpo'):g},beta=0.1",
+    )
+    assert "beta=0.5" in (tmp_path / "results" / "tune_dev.md").read_text()
