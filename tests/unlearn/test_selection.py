@@ -340,3 +340,22 @@ def test_bad_selector_settings_say_how_to_fix_them():
         from unlearn.selection import selector
 
         selector("regex")
+
+
+def test_trained_selectors_do_not_depend_on_the_thread_count():
+    """The SAE (and the probe) train on one thread: the same activations give the same weights
+    whatever `torch.get_num_threads()` the caller runs with (without it, 1 and 2 threads trained
+    different SAEs), and the caller's thread count is restored."""
+    from unlearn.selection.sae import SaeSettings, train_sae
+
+    acts = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
+    settings = SaeSettings(num_steps=300)  # large enough for 2 threads to split the matmuls
+    before = torch.get_num_threads()
+    weights = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        sae, _ = train_sae(acts, settings)
+        assert torch.get_num_threads() == threads
+        weights.append(torch.cat([p.flatten() for p in sae.parameters()]))
+    torch.set_num_threads(before)
+    assert torch.equal(weights[0], weights[1])

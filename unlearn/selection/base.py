@@ -205,3 +205,19 @@ def site_activations(
             real = batch.attention_mask.bool().to(acts.device)
             chunks.append(acts[real].float().cpu())
     return torch.cat(chunks)
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run the block on one CPU thread, then restore the thread count.
+
+    Trained selectors (the probe, the SAE) run their training loops inside it: a reduction split
+    over several threads rounds differently, and training amplifies the difference into another
+    mask, so without it a mask would depend on the machine's core count.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -26,6 +26,7 @@ from unlearn.selection.base import (
     SelectionInputs,
     check_fraction,
     selectable,
+    single_threaded,
     site_activations,
     top_fraction,
     unflatten,
@@ -89,7 +90,7 @@ def fit_probe(
     optimizer = torch.optim.AdamW(
         probe.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )
-    with torch.enable_grad():
+    with torch.enable_grad(), single_threaded():
         for _ in tqdm(range(settings.num_steps), desc="probe", dynamic_ncols=True, leave=False):
             logits = probe(x[~held_out]).squeeze(1)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[~held_out])

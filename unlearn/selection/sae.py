@@ -41,6 +41,7 @@ from unlearn.selection.base import (
     Selection,
     SelectionInputs,
     selectable,
+    single_threaded,
     site_activations,
     unflatten,
 )
@@ -160,7 +161,7 @@ def train_sae(acts: Float[Tensor, "token d_model"], settings: SaeSettings) -> tu
         sae.b_dec.copy_(train.mean(0))
     lr = settings.lr or 2e-4 / math.sqrt(n_latents / 2**14)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
-    with torch.enable_grad():
+    with torch.enable_grad(), single_threaded():
         for step in tqdm(range(settings.num_steps), desc="sae", dynamic_ncols=True, leave=False):
             # Full batches only, wrapping around the end (FVU needs more than one token).
             start = step * settings.batch_tokens
