@@ -21,6 +21,7 @@ import unlearn.toyworld.build as build_module
 import unlearn.toyworld.pretrain as pretrain_module
 import unlearn.toyworld.world as world_module
 from unlearn.toyworld import build_world, get_preset
+from unlearn.toyworld.world import KEYWORD_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,13 +33,14 @@ class Killed(BaseException):
 def _digests(world_root: Path) -> dict[str, str]:
     """sha256 of every file the build writes, without its wall-clock time.
 
-    Caches that later runs keep inside a world (tamper_controls/) are not build artifacts.
+    What later runs keep inside a world is not a build artifact: the tamper-control cache
+    (tamper_controls/) and the keyword file, written on first use (`KEYWORD_FILE`).
     """
     digests = {}
     for path in sorted(world_root.rglob("*")):
         if not path.is_file() or path.name == "build_seconds.json":
             continue
-        if path.relative_to(world_root).parts[0] == "tamper_controls":
+        if path.relative_to(world_root).parts[0] in ("tamper_controls", KEYWORD_FILE):
             continue
         data = path.read_bytes()
         if path == world_root / "report.json":
