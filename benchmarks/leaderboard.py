@@ -226,10 +226,18 @@ def main(cfg: Config) -> dict[str, Any]:
             for label, runs in records.items()
         },
     }
-    results = Path(cfg.results).expanduser()
+    write_results(payload, Path(cfg.results))
+    return payload
+
+
+def write_results(payload: dict[str, Any], results: Path) -> None:
+    """Write leaderboard.json, leaderboard.md and leaderboard.png of `payload` into `results`."""
+    results = results.expanduser()
     results.mkdir(parents=True, exist_ok=True)
+    cfg = payload["config"]
     (results / "leaderboard.json").write_text(json.dumps(payload, indent=1) + "\n")
     (results / "leaderboard.md").write_text(leaderboard_markdown(payload))
+    curves = {label: Curves.from_records(runs) for label, runs in payload["records"].items()}
     plot_recovery(
         {
             label: [
@@ -241,15 +249,14 @@ def main(cfg: Config) -> dict[str, Any]:
                     strict=True,
                 )
             ]
-            for label, metrics in rows.items()
+            for label, metrics in payload["rows"].items()
         },
         results / "leaderboard.png",
-        title=f"Worst case over the {cfg.suite} suite, {cfg.world_preset} toy world, "
-        f"mean of {cfg.seeds} seeds (retain: worst attack)",
+        title=f"Worst case over the {cfg['suite']} suite, {cfg['world_preset']} toy world, "
+        f"mean of {cfg['seeds']} seeds (retain: worst attack)",
         chance=CHANCE,
     )
     print(f"\n{leaderboard_table(payload)}\nwrote {results / 'leaderboard.md'}")
-    return payload
 
 
 def _pct(value: float | None) -> str:
@@ -311,8 +318,29 @@ def leaderboard_markdown(payload: dict[str, Any]) -> str:
         "lowest retain accuracy of the worst attack over the steps.\n\n"
         + leaderboard_table(payload)
         + "\n| method | unlearning wall s (all seeds) | attack wall s (all seeds) |\n"
-        "|---|---|---|\n" + times
+        "|---|---|---|\n" + times + sources_markdown(payload)
     )
+
+
+def sources_markdown(payload: dict[str, Any]) -> str:
+    """For a combined leaderboard (`benchmarks.leaderboard_combine`): where each row was run."""
+    if "sources" not in payload:
+        return ""
+    lines = [
+        "\nCombined from leaderboard runs made at different commits; the controls (unfiltered "
+        "model, filtered twin) and their attacks are the first run's, and every method row's "
+        "excess is over them. Control difference: the largest absolute difference, at any step "
+        "of any attack and seed, between a run's control accuracies and the first run's.\n",
+        "| run | commit | machine threads | rows | control difference (points) |",
+        "|---|---|---|---|---|",
+    ]
+    for i, source in enumerate(payload["sources"], 1):
+        lines.append(
+            f"| {i}: `{source['command']}` | {source['git_sha'][:7]}"
+            f"{' (dirty)' if source['dirty'] else ''} | {source['machine']['cpu_threads']} | "
+            f"{', '.join(source['methods'])} | {100 * source['control_difference']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
