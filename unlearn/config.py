@@ -47,6 +47,11 @@ class OptimSettings:
     """Micro-batches per optimizer step (per rank)."""
     precision: Literal["float32", "bfloat16"] = "float32"
     """Autocast dtype of the forward passes (weights stay fp32)."""
+    sam_rho: float = 0.0
+    """Sharpness-aware unlearning (Fan et al., ICML 2025): the radius ρ of the weight-space ball
+    whose worst point (first order) the forget terms are minimized at; 0 turns it off. Every term
+    but "retain" is sharpness-aware, the retain term is not; it costs one more forward pass and
+    one more backward pass of the forget terms per micro-batch (`unlearn.training`)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -59,6 +64,10 @@ class OptimSettings:
             raise ValueError(
                 "--warmup_steps, --grad_clip and --weight_decay must be >= 0, got "
                 f"{self.warmup_steps}, {self.grad_clip}, {self.weight_decay}"
+            )
+        if not (math.isfinite(self.sam_rho) and self.sam_rho >= 0):
+            raise ValueError(
+                f"--sam_rho must be >= 0 (0: no sharpness-aware step), got {self.sam_rho}"
             )
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -426,6 +427,7 @@ def run_method(
         RunMismatchError: `out_dir` holds another run.
     """
     out = Path(out_dir).expanduser()
+    _warn_if_untuned(method)
     run_key = start_run(
         out,
         method.name,
@@ -458,7 +460,7 @@ def run_method(
         world=setup.world,
     )
     plan = method.build(method_cfg, context)
-    write_run_info(out, {**config, **plan.info, **mask_info})
+    write_run_info(out, {**config, **plan.info, **mask_info, "defaults_tuned_on_dev": method.tuned})
     torch.manual_seed(train_cfg.seed)
     headline, evaluator = data_cfg.eval_template, data_cfg.evaluator
     before = {
@@ -473,6 +475,16 @@ def run_method(
         **report(trained[-1].model, tokenizer, setup, evaluator),
     }
     return _write_outputs(out, method.name, plan, trained, tokenizer, before, after)
+
+
+def _warn_if_untuned(method: Registration) -> None:
+    if not method.tuned:
+        warnings.warn(
+            f"{method.name}'s default settings are placeholders, not yet chosen on the dev split; "
+            f"choose them with python -m benchmarks.tune_dev --methods {method.name}",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _train_phases(

@@ -11,6 +11,9 @@
   first step to 1 at the last);
 - full fine-tuning, or LoRA through peft (`LoraSettings`), with AdamW or Muon (Muon on 2-D
   weights, AdamW on the rest), gradient clipping, linear warmup, fp32 or bf16 autocast;
+- with `OptimSettings.sam_rho` > 0, every method's forget terms (all but "retain") are
+  sharpness-aware: their gradient is taken at the worst point of a ρ-ball, the retain term's at
+  the weights themselves (`_Run.sharpness_aware_backward`);
 - under `torchrun`, each rank takes its share of the global batch and gradients are averaged
   across ranks before the optimizer step (an explicit all-reduce: a step runs several traces of
   the model, some stopped early, which DDP's one-forward-one-backward hooks do not allow);
@@ -49,7 +52,15 @@ from interventions import StepGraph
 from interventions.sites import describe_model, resolve_site
 from unlearn.config import LoraSettings, NonFinitePolicy, OptimSettings
 from unlearn.data import PairedBatches
-from unlearn.methods.base import BASE, FORGET, RETAIN, TRAINABLE, Method, extra_models
+from unlearn.methods.base import (
+    BASE,
+    FORGET,
+    RETAIN,
+    RETAIN_TERM,
+    TRAINABLE,
+    Method,
+    extra_models,
+)
 from unlearn.train_state import (
     STATE_FILE,
     Progress,
@@ -286,15 +297,27 @@ def _rewind_metrics(path: Path, step: int) -> list[dict[str, Any]]:
     return kept
 
 
+class _MicroLoss(NamedTuple):
+    """One micro-batch's weighted loss, whole and split as a sharpness-aware step needs it."""
+
+    total: torch.Tensor
+    """Σ coef · ramp · term over every term (what a plain step differentiates)."""
+    forget: torch.Tensor
+    """The same sum over every term but "retain" (sharpness-aware under `sam_rho`)."""
+    retain: torch.Tensor
+    """The "retain" term, weighted (0 without one)."""
+    metrics: dict[str, float]
+    """Each term's value and coefficient, and the total."""
+
+
 def _micro_step(
     step_fn: Callable,
     method: Method,
     batches: Mapping[str, Any],
     progress: float,
     dtype: str,
-    scale: float,
     device: torch.device,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> _MicroLoss:
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if dtype == "bfloat16"
@@ -302,16 +325,20 @@ def _micro_step(
     )
     with autocast:
         acts = step_fn(batches)
-        total = torch.zeros((), device=device)
+        total = forget = retain = torch.zeros((), device=device)
         metrics: dict[str, float] = {}
         for term in method.terms:
             value = term.fn(acts, batches[FORGET], batches[RETAIN]).float()
             weight = term.weight(progress)
             total = total + weight * value
+            if term.name == RETAIN_TERM:
+                retain = retain + weight * value
+            else:
+                forget = forget + weight * value
             metrics[f"loss/{term.name}"] = float(value.detach())
             metrics[f"coef/{term.name}"] = weight
     metrics["loss/total"] = float(total.detach())
-    return total * scale, metrics
+    return _MicroLoss(total, forget, retain, metrics)
 
 
 def _train_settings(
@@ -443,30 +470,87 @@ class _Run:
         for micro in range(grad_accum):
             # Seeded by the global micro-batch index, so random terms (random-target CE) draw the
             # same numbers whether the global batch is split over ranks or micro-batches.
-            torch.manual_seed(self.seed + step * 10_007 + rank * grad_accum + micro)
+            seed = self.seed + step * 10_007 + rank * grad_accum + micro
+            torch.manual_seed(seed)
             forget, retain = self.batches.at(step, rank, world_size, micro, grad_accum)
-            loss, metrics = _micro_step(
-                self.step_fn,
-                self.method,
-                {FORGET: forget.to(self.device), RETAIN: retain.to(self.device)},
-                step / max(1, self.num_steps - 1),
-                self.optim.precision,
-                1.0 / grad_accum,
-                self.device,
-            )
+            batches = {FORGET: forget.to(self.device), RETAIN: retain.to(self.device)}
+            progress = step / max(1, self.num_steps - 1)
+            loss = self.micro_loss(batches, progress)
+            metrics = loss.metrics
+            step_is_finite = self.is_finite_everywhere(metrics["loss/total"])
+            what = f"loss is {metrics['loss/total']} ({metrics})"
+            if step_is_finite and self.optim.sam_rho > 0 and loss.forget.requires_grad:
+                perturbed = self.sharpness_aware_backward(loss, batches, progress, seed)
+                metrics["loss/sam_forget"] = perturbed
+                step_is_finite = self.is_finite_everywhere(perturbed)
+                what = f"the forget loss at the sharpness-aware point is {perturbed} ({metrics})"
+            elif step_is_finite:
+                torch.autograd.backward(loss.total * (1.0 / grad_accum))
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value / grad_accum
-            step_is_finite = math.isfinite(metrics["loss/total"])
-            if world_size > 1:  # every rank stops or skips together instead of hanging
-                flag = torch.tensor([0.0 if step_is_finite else 1.0], device=self.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                step_is_finite = flag.item() == 0.0
             if not step_is_finite:
                 if self.on_nonfinite == "stop":
-                    raise self.nonfinite(f"loss is {metrics['loss/total']} ({metrics})", step)
+                    raise self.nonfinite(what, step)
                 break
-            torch.autograd.backward(loss)
         return sums, step_is_finite
+
+    def micro_loss(self, batches: Mapping[str, Any], progress: float) -> _MicroLoss:
+        """The method's weighted terms on one micro-batch, at the current weights."""
+        return _micro_step(
+            self.step_fn, self.method, batches, progress, self.optim.precision, self.device
+        )
+
+    def is_finite_everywhere(self, value: float) -> bool:
+        """Whether `value` is finite on every rank (so all ranks stop or skip together)."""
+        is_finite = math.isfinite(value)
+        if self.world_size > 1:  # every rank stops or skips together instead of hanging
+            flag = torch.tensor([0.0 if is_finite else 1.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            is_finite = flag.item() == 0.0
+        return is_finite
+
+    def sharpness_aware_backward(
+        self, loss: _MicroLoss, batches: Mapping[str, Any], progress: float, seed: int
+    ) -> float:
+        """Accumulate a sharpness-aware micro-batch gradient; return the perturbed forget loss.
+
+        Fan et al. 2025 (ICML), "Towards LLM Unlearning Resilient to Relearning Attacks: A
+        Sharpness-Aware Minimization Perspective and Beyond": min_θ max_{‖δ‖≤ρ} L_f(θ + δ) +
+        L_r(θ), with the inner maximum taken to first order as in SAM (Foret et al. 2021):
+        δ = ρ g_f / ‖g_f‖, g_f = ∇L_f(θ). L_f is the weighted sum of every term but "retain", L_r
+        the weighted retain term. The gradient accumulated is ∇L_r(θ) + ∇L_f(θ + δ): only the
+        forget terms are sharpness-aware. ‖g_f‖ is over the trainable parameters (LoRA: the
+        adapters) and δ is this micro-batch's own (with `grad_accum` > 1 or several ranks each
+        micro-batch has its δ, SAM's m-sharpness). The weights are restored exactly (from a copy)
+        afterwards, and random terms redraw the same numbers at θ + δ (reseeded with `seed`).
+        Cost: one more forward pass of the step graph and one more backward pass of L_f.
+
+        Returns:
+            L_f(θ + δ) (unscaled); the gradient of a non-finite one is not accumulated.
+        """
+        scale = 1.0 / self.optim.grad_accum
+        grads = torch.autograd.grad(loss.forget, self.params, retain_graph=True, allow_unused=True)
+        if loss.retain.requires_grad:
+            torch.autograd.backward(loss.retain * scale)
+        present = [g for g in grads if g is not None]
+        norm = torch.nn.utils.get_total_norm(present) if present else torch.zeros(())
+        step_size = self.optim.sam_rho / (float(norm) + 1e-12)
+        saved = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                for param, grad in zip(self.params, grads, strict=True):
+                    if grad is not None:
+                        param.add_(grad, alpha=step_size)
+            torch.manual_seed(seed)
+            perturbed = self.micro_loss(batches, progress)
+            value = float(perturbed.forget.detach())
+            if math.isfinite(value):  # the caller stops or skips the step on every rank
+                torch.autograd.backward(perturbed.forget * scale)
+        finally:
+            with torch.no_grad():
+                for param, original in zip(self.params, saved, strict=True):
+                    param.copy_(original)
+        return value
 
     def average_across_ranks(self, sums: dict[str, float]) -> dict[str, float]:
         """Average the gradients (in place) and the metrics over the ranks."""
@@ -734,8 +818,9 @@ def train_plan(
     A phase with `blocks` trains only those blocks (full fine-tuning, or LoRA adapters on their
     linear layers); one with `parameters` trains only the block parameters matching its patterns
     (LoRA: adapters only on the linear layers whose weight matches), in its `blocks` or in every
-    block; a phase with neither trains what `train` trains. Each phase keeps its state in
-    `out_dir/<phase.name>` with its own schedule (warmup and ramps restart), so a rerun passes
+    block; a phase with neither trains what `train` trains. A phase with `init` first sets the
+    model's weights with it (before `train` copies the frozen "base"). Each phase keeps its state
+    in `out_dir/<phase.name>` with its own schedule (warmup and ramps restart), so a rerun passes
     through finished phases (`train` only reloads their weights) and resumes the interrupted one.
 
     Args:
@@ -758,6 +843,9 @@ def train_plan(
     lora = lora if lora is not None and lora.enabled else None
     results = []
     for phase in phases:
+        if phase.init is not None:
+            with torch.no_grad():
+                phase.init(model)
         phase_lora = lora
         if _restricts(phase):
             blocks = range(describe_model(model).n_layers) if phase.blocks is None else phase.blocks

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import leaderboard
 from benchmarks.tune_dev import (
     Config,
     candidates_of,
@@ -17,7 +18,8 @@ from benchmarks.tune_dev import (
     same_setting,
 )
 from recipes.unlearn import config_class
-from unlearn.config import flat_values
+from unlearn.config import DataConfig, ModelConfig, TrainingConfig, flat_values
+from unlearn.experiment import run_method
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 SWEEPS = sorted(path.name for path in RESULTS.glob("tune_dev*.json"))
@@ -68,12 +70,28 @@ def test_every_recipes_default_lr_is_the_dev_sweeps_choice(file):
             assert same_setting(registered[name], value), (method, name)
 
 
-def test_every_registered_method_has_a_dev_sweep():
-    """A new method's default learning rate must come from a committed dev sweep too."""
-    from unlearn.methods import REGISTRY
+def test_every_registered_method_has_a_dev_sweep_or_says_it_has_none(tmp_path):
+    """A method's default learning rate comes from a committed dev sweep, or its registration
+    says it is untuned (`tuned=False`): then it warns when it runs and stays off the default
+    benchmark lists until its sweep is committed."""
+    from unlearn.methods import REGISTRY, tuned_methods
 
     swept = [m for file in SWEEPS for m in json.loads((RESULTS / file).read_text())["methods"]]
-    assert sorted(swept) == sorted(REGISTRY)
+    assert sorted(swept) == sorted(tuned_methods())
+    untuned = sorted(set(REGISTRY) - set(tuned_methods()))
+    assert Config().methods == tuned_methods() == leaderboard.Config().methods
+    for name in untuned:
+        with pytest.warns(UserWarning, match=f"{name}'s default settings are placeholders"):
+            with pytest.raises(ValueError):  # the warning comes before any input is checked
+                run_method(
+                    REGISTRY[name],
+                    REGISTRY[name].default_config(),
+                    ModelConfig(model=str(tmp_path / "no-model")),
+                    DataConfig(),
+                    TrainingConfig(),
+                    tmp_path / name,
+                    {},
+                )
 
 
 def test_grid_entries_are_checked_and_crossed_with_the_learning_rates():

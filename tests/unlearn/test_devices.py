@@ -16,6 +16,7 @@ from tests.unlearn.test_methods import (
     MAPS,
     PROBES,
     REWRITTEN,
+    SCORES,
     TEACHER,
     TUNED_LENS,
     _config,
@@ -41,6 +42,9 @@ CASES = {
     "npo": {},
     "simnpo": {},
     "grad_diff": {},
+    "undo": {"teacher": TEACHER},  # the teacher loaded to the device, the noise drawn on the CPU
+    "rewind_distill": {"checkpoint": TEACHER, "checkpoint_revision": "step1", "teacher": TEACHER},
+    "detractor": {"scores_path": SCORES},  # per-token weights moved to the loss's device
 }
 """Every registered method, with the files (lens, maps, probes, teacher, rewritten twins) it loads
 from disk."""

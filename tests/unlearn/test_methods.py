@@ -51,6 +51,8 @@ from unlearn.methods import (
 from unlearn.methods.base import extra_models
 from unlearn.methods.retain import retain_component
 from unlearn.probe import TransformerProbe, probe_depth, save_probes
+from unlearn.selection.magic_scores import TokenScores, save_token_scores
+from unlearn.selection.masks import documents_key
 from unlearn.training import LoraSettings, add_lora
 
 N_LAYERS = 2
@@ -71,6 +73,11 @@ REWRITTEN = "<rewritten>"
 other word reversed) saved into tmp_path."""
 TEACHER_FIXED = {"teacher": TEACHER, "teacher_revision": "step1", "map_kind": "identity"}
 """Checkpoint transfer without its sweep and map fitting (the teacher's checkpoint is given)."""
+REWIND_FIXED = {"checkpoint": TEACHER, "checkpoint_revision": "step1"}
+"""Rewind-and-distill without its checkpoint sweep (the checkpoint is given)."""
+SCORES = "<scores>"
+"""Placeholder for `scores_path`, replaced by random per-token scores of the contract's forget and
+retain rows saved into tmp_path (detractor learning's MAGIC scores)."""
 
 VARIANTS: dict[str, list[dict]] = {
     "lens_unlearn": [
@@ -96,6 +103,12 @@ VARIANTS: dict[str, list[dict]] = {
         {"probe_path": PROBES, "forget_loss": "random_ce", "retain_loss": "nll", "layers": [0]},
         {"probe_path": PROBES, "retain_loss": "l2", "retain_layers": [1], "layers": [1]},
         {"probe_path": PROBES, "retain_coef": 0.0, "forget_ramp": "constant"},
+    ],
+    "detractor": [
+        {"scores_path": SCORES},
+        {"scores_path": SCORES, "train_on": "detractors", "retain_loss": "nll"},
+        {"scores_path": SCORES, "retain_loss": "l2", "retain_layers": [1], "forget_coef": 2.0},
+        {"scores_path": SCORES, "train_on": "detractors", "retain_coef": 0.0},
     ],
     "circuit_breakers": [
         {},
@@ -143,6 +156,18 @@ VARIANTS: dict[str, list[dict]] = {
         {"retain_loss": "l2", "retain_layers": [0], "forget_coef": 0.5},
         {"retain_coef": 0.0},
     ],
+    "undo": [
+        {"teacher": TEACHER},
+        {"teacher": TEACHER, "alpha": 1.0, "beta": 0.5, "noise_seed": 3, "retain_loss": "nll"},
+        {"teacher": TEACHER, "retain_loss": "l2", "retain_layers": [1], "forget_coef": 2.0},
+        {"teacher": TEACHER, "retain_coef": 0.0, "forget_ramp": "forget_decay"},
+    ],
+    "rewind_distill": [
+        REWIND_FIXED,
+        {**REWIND_FIXED, "teacher": TEACHER, "retain_loss": "mse", "retain_layers": [0]},
+        {**REWIND_FIXED, "retain_loss": "nll", "retain_ramp": "retain_warmup"},
+        {**REWIND_FIXED, "retain_coef": 0.0},
+    ],
 }
 """Settings the contract runs for each method, as changes to its registered defaults: the defaults
 first (apart from inputs a method cannot default), then non-default settings."""
@@ -177,7 +202,7 @@ def _config(name: str, kwargs: dict, tmp_path, model, tokenizer):
             for translator in lens.translators:
                 translator.weight.add_(0.1 * torch.randn_like(translator.weight))
         kwargs = {**kwargs, "lens_path": str(lens.save(tmp_path / "lens"))}
-    if kwargs.get("teacher") == TEACHER:
+    if TEACHER in (kwargs.get("teacher"), kwargs.get("checkpoint")):
         teacher = copy.deepcopy(model)
         with torch.no_grad():
             for param in teacher.parameters():
@@ -185,7 +210,7 @@ def _config(name: str, kwargs: dict, tmp_path, model, tokenizer):
         for path in (tmp_path / "teacher", tmp_path / "teacher" / "checkpoints" / "step1"):
             teacher.save_pretrained(path)
             tokenizer.save_pretrained(path)
-        kwargs = {**kwargs, "teacher": str(tmp_path / "teacher")}
+        kwargs = {k: str(tmp_path / "teacher") if v == TEACHER else v for k, v in kwargs.items()}
     if kwargs.get("maps_path") == MAPS:
         d = model.config.hidden_size
         maps = {
@@ -209,6 +234,12 @@ def _config(name: str, kwargs: dict, tmp_path, model, tokenizer):
         ]
         path.write_text("".join(json.dumps({"text": text}) + "\n" for text in twins))
         kwargs = {**kwargs, "rewritten_data": str(path)}
+    if kwargs.get("scores_path") == SCORES:
+        rows = [tokenize_documents(tokenizer, d, MAX_LEN) for d in (FORGET_DOCS, RETAIN_DOCS)]
+        lengths = [[len(row) for row in docs.ids] for docs in rows]
+        flat = torch.randn(sum(map(sum, lengths)), dtype=torch.float64)
+        scores = TokenScores({"forget_dev": flat}, *lengths, *map(documents_key, rows))
+        kwargs = {**kwargs, "scores_path": str(save_token_scores(scores, tmp_path / "scores"))}
     return replace_flat(registration(name).default_config(), **kwargs)
 
 
@@ -397,12 +428,16 @@ def test_register_refuses_a_taken_or_malformed_name(monkeypatch):
 def test_every_method_has_contract_variants():
     """A new method must list its non-default settings in VARIANTS, defaults first (apart from
     the inputs a method cannot default: checkpoint transfer's given teacher checkpoint, probe
-    unlearn's probes, rewritten transfer's twins outside the toy world)."""
+    unlearn's probes, rewritten transfer's twins outside the toy world, UNDO's unlearned teacher,
+    rewind-and-distill's given checkpoint)."""
     assert set(VARIANTS) == set(REGISTRY)
     required = {
         "checkpoint_transfer": TEACHER_FIXED,
         "probe_unlearn": {"probe_path": PROBES},
         "rewritten_transfer": {"rewritten_data": REWRITTEN},
+        "detractor": {"scores_path": SCORES},
+        "undo": {"teacher": TEACHER},
+        "rewind_distill": REWIND_FIXED,
     }
     for name, variants in VARIANTS.items():
         assert variants[0] == required.get(name, {})

@@ -11,14 +11,17 @@ benchmark iterate over it. A method's phases declare step-graph nodes and weight
 from unlearn.methods import (
     checkpoint_transfer,
     circuit_breakers,
+    detractor,
     grad_diff,
     lens_unlearn,
     npo,
     probe_unlearn,
+    rewind_distill,
     rewritten_transfer,
     rmu,
     sequential,
     simnpo,
+    undo,
 )
 from unlearn.methods.base import (
     BASE,
@@ -34,6 +37,7 @@ from unlearn.methods.base import (
 )
 from unlearn.methods.checkpoint_transfer import CheckpointTransfer, CheckpointTransferConfig
 from unlearn.methods.circuit_breakers import CircuitBreakers, CircuitBreakersConfig
+from unlearn.methods.detractor import DetractorConfig, DetractorLearning
 from unlearn.methods.grad_diff import GradDiff, GradDiffConfig
 from unlearn.methods.lens_unlearn import LensUnlearn, LensUnlearnConfig
 from unlearn.methods.npo import NPO, NPOConfig
@@ -45,10 +49,13 @@ from unlearn.methods.plan import (
     Registration,
     register,
     registration,
+    tuned_methods,
 )
 from unlearn.methods.probe_unlearn import ProbeUnlearn, ProbeUnlearnConfig
+from unlearn.methods.rewind_distill import RewindDistillConfig
 from unlearn.methods.rmu import RMU, RMUConfig
 from unlearn.methods.simnpo import SimNPO, SimNPOConfig
+from unlearn.methods.undo import UndoConfig
 
 _MODULES = (
     lens_unlearn,
@@ -57,12 +64,16 @@ _MODULES = (
     sequential,
     rewritten_transfer,
     probe_unlearn,
+    detractor,
     rmu,
     npo,
     simnpo,
     grad_diff,
+    undo,
+    rewind_distill,
 )
-"""The registered methods' modules, in leaderboard order (the standard baselines last)."""
+"""The registered methods' modules, in leaderboard order (the standard baselines, then the
+defences that aim to survive a fine-tuning attack)."""
 
 for _module in _MODULES:
     register(_module.REGISTRATION)
@@ -79,6 +90,8 @@ __all__ = [
     "CircuitBreakers",
     "CircuitBreakersConfig",
     "Context",
+    "DetractorConfig",
+    "DetractorLearning",
     "GradDiff",
     "GradDiffConfig",
     "LensUnlearn",
@@ -94,11 +107,14 @@ __all__ = [
     "RMUConfig",
     "Ramp",
     "Registration",
+    "RewindDistillConfig",
     "SimNPO",
     "SimNPOConfig",
     "Stacked",
     "Term",
+    "UndoConfig",
     "register",
     "registration",
+    "tuned_methods",
     "stack",
 ]

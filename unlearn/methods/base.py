@@ -32,6 +32,9 @@ FORGET = "forget"
 """Batch name of forget data."""
 RETAIN = "retain"
 """Batch name of retain data."""
+RETAIN_TERM = "retain"
+"""Name of the retain term (`unlearn.methods.retain`): the one term a sharpness-aware step
+(`OptimSettings.sam_rho`) takes at the unperturbed weights; every other term is a forget term."""
 
 
 @dataclass(frozen=True)

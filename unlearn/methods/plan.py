@@ -5,9 +5,10 @@ Plan`. `build` prepares what the method needs from the `Context` (the loaded mod
 the data and tuning items, the device, the output directory): checkpoint transfer selects its
 teacher and fits maps there, rewritten transfer computes its targets, sequential unlearning copies
 the original model. The `Plan` is one or more `Phase`s, each a method declaration (step-graph
-nodes and weighted terms, `unlearn.methods.base`), a number of steps and which blocks (and which
-of their parameters) train; the one training core runs them in order
-(`unlearn.experiment.run_method`). A method never imports the training core.
+nodes and weighted terms, `unlearn.methods.base`), a number of steps, which blocks (and which
+of their parameters) train and, optionally, the weights it starts from (`Phase.init`); the one
+training core runs them in order (`unlearn.experiment.run_method`). A method never imports the
+training core.
 
 Registering a method adds it to the generic recipe (`python -m recipes.unlearn --method <name>`),
 the retain ablation, the leaderboard and the methods benchmark.
@@ -122,6 +123,12 @@ class Phase:
     layers whose weight matches. None: every parameter of the blocks."""
     seed_offset: int = 0
     """The phase trains with the run's seed plus this (random targets differ between phases)."""
+    init: Callable[[nn.Module], None] | None = None
+    """Sets the weights the phase starts from, in place: the training core calls it on the model
+    (under `torch.no_grad`) before the phase trains, so before the frozen "base" copy is taken
+    (UNDO's noised copy of its teacher, rewind-and-distill's early checkpoint). It must be
+    deterministic: a resumed run calls it again before loading the saved state. None: the phase
+    starts from the model as the earlier phases left it."""
 
 
 @dataclass
@@ -163,6 +170,12 @@ class Registration:
     ValueError) and names the further inputs the run is keyed by: `check_inputs`' documents,
     paths and models (`unlearn.experiment`)."""
 
+    tuned: bool = True
+    """Whether its committed defaults were chosen on the dev split (`benchmarks.tune_dev`, whose
+    committed sweep a test checks). An untuned method runs with placeholder defaults, says so when
+    it runs, and is left out of the benchmarks' default method lists until its sweep is
+    committed."""
+
     def default_config(self) -> Any:
         """The method's default settings."""
         return self.defaults() if self.defaults is not None else self.config()
@@ -181,6 +194,11 @@ def register(registration: Registration) -> Registration:
         raise ValueError(f"a method named {name!r} is already registered")
     REGISTRY[name] = registration
     return registration
+
+
+def tuned_methods() -> list[str]:
+    """The registered methods whose defaults were chosen on dev, in registry order."""
+    return [name for name, reg in REGISTRY.items() if reg.tuned]
 
 
 def registration(name: str) -> Registration:

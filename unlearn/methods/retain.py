@@ -1,9 +1,11 @@
 """Retain terms shared by methods: keep the model's behaviour on retain text (KL, NLL, L2 or MSE).
 
-`retain_component(kind, layers, coef, ramp)` returns the nodes and the term for one retain loss, so
-every method offers the same four choices with the same, padding-free math (`unlearn.losses`).
-`RetainSettings` is the config group every method nests as `retain` (flags `--retain_loss`,
-`--retain_coef`, `--retain_ramp`, `--retain_layers`); its `component()` builds the term.
+`retain_component(kind, layers, coef, ramp, reference)` returns the nodes and the term for one
+retain loss, so every method offers the same four choices with the same, padding-free math
+(`unlearn.losses`), against the step graph's frozen "base" or another frozen model (a distillation
+teacher). `RetainSettings` is the config group every method nests as `retain` (flags
+`--retain_loss`, `--retain_coef`, `--retain_ramp`, `--retain_layers`); its `component()` builds
+the term, named "retain" (`RETAIN_TERM`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from unlearn.methods.base import (
     CONSTANT,
     RAMPS,
     RETAIN,
+    RETAIN_TERM,
     TRAINABLE,
     Node,
     Ramp,
@@ -49,6 +52,7 @@ def retain_component(
     layers: Sequence[int] | str = "all",
     coef: float = 1.0,
     ramp: Ramp = CONSTANT,
+    reference: str = BASE,
 ) -> RetainComponent:
     """Nodes and term for a retain loss of the given kind.
 
@@ -59,6 +63,9 @@ def retain_component(
         layers: Layers of the L2 and MSE losses (ignored otherwise).
         coef: Peak coefficient.
         ramp: Coefficient multiplier over training.
+        reference: The frozen model the KL, L2 and MSE losses compare with: the step graph's
+            "base" (the model as training started), or an extra model such as a distillation
+            teacher.
 
     Returns:
         The nodes and term; none at all when `coef` is 0 (the retain ablation).
@@ -71,10 +78,10 @@ def retain_component(
     if kind == "kl":
         nodes = (
             Read("retain_logits", "unembed", model=TRAINABLE, batch=RETAIN),
-            Read("retain_ref_logits", "unembed", model=BASE, batch=RETAIN, grad=False),
+            Read("retain_ref_logits", "unembed", model=reference, batch=RETAIN, grad=False),
         )
         term = Term(
-            "retain",
+            RETAIN_TERM,
             lambda acts, forget, retain: logit_kl_loss(
                 acts["retain_logits"], acts["retain_ref_logits"], retain.attention_mask
             ),
@@ -84,7 +91,7 @@ def retain_component(
     elif kind == "nll":
         nodes = (Read("retain_logits", "unembed", model=TRAINABLE, batch=RETAIN),)
         term = Term(
-            "retain",
+            RETAIN_TERM,
             lambda acts, forget, retain: next_token_nll_loss(
                 acts["retain_logits"], retain.input_ids, retain.attention_mask
             ),
@@ -95,11 +102,11 @@ def retain_component(
         site = "blocks.{l}.hook_resid_post"
         nodes = (
             Read("retain_acts", site, layers=layers, model=TRAINABLE, batch=RETAIN),
-            Read("retain_ref_acts", site, layers=layers, model=BASE, batch=RETAIN, grad=False),
+            Read("retain_ref_acts", site, layers=layers, model=reference, batch=RETAIN, grad=False),
         )
         distance = representation_l2_loss if kind == "l2" else activation_mse_loss
         term = Term(
-            "retain",
+            RETAIN_TERM,
             lambda acts, forget, retain: distance(
                 acts["retain_acts"], acts["retain_ref_acts"], retain.attention_mask
             ),
@@ -125,11 +132,12 @@ class RetainSettings:
     retain_layers: list[int] | None = None
     """Layers of the L2 and MSE retain losses; None means every layer (RMU: its layer)."""
 
-    def component(self) -> RetainComponent:
-        """The nodes and term these settings declare."""
+    def component(self, reference: str = BASE) -> RetainComponent:
+        """The nodes and term these settings declare, against `reference` (`retain_component`)."""
         return retain_component(
             self.retain_loss,
             self.retain_layers or "all",
             self.retain_coef,
             RAMPS[self.retain_ramp],
+            reference,
         )
