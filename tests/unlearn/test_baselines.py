@@ -105,8 +105,9 @@ def test_forget_terms_score_the_selected_forget_tokens(name):
     scored = token_mask[:, 1:].float()
     mean = (logp(logits) * scored).sum(-1) / scored.sum(-1)
     if name == "npo":
+        beta = registration(name).default_config().beta  # 0.03, chosen on dev
         ratio = ((logp(logits) - logp(ref_logits)) * scored).sum(-1)
-        expected = -(2 / 0.1) * F.logsigmoid(-0.1 * ratio).mean()
+        expected = -(2 / beta) * F.logsigmoid(-beta * ratio).mean()
     elif name == "simnpo":
         expected = -(2 / 0.1) * F.logsigmoid(-0.1 * mean).mean()
     else:
