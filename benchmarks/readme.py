@@ -81,7 +81,13 @@ def provenance(payload: dict[str, Any]) -> str:
     if not sha:
         return ""
     dirty = sha.endswith("+dirty") or bool(payload.get("dirty"))
-    return f"git {sha.removesuffix('+dirty')[:7]}, {'dirty' if dirty else 'clean'} tree"
+    tree = f"git {sha.removesuffix('+dirty')[:7]}, {'dirty' if dirty else 'clean'} tree"
+    if "sources" in payload:  # a combined leaderboard (benchmarks.leaderboard_combine)
+        runs = dict.fromkeys(
+            f"{s['git_sha'][:7]}{', dirty' if s['dirty'] else ''}" for s in payload["sources"]
+        )
+        return f"runs at git {'; '.join(runs)}, combined at {tree}"
+    return tree
 
 
 def _machine(payload: dict[str, Any]) -> str:
@@ -251,8 +257,9 @@ def leaderboard_block(payload: dict[str, Any]) -> str:
     )
     table = leaderboard_table(payload).rstrip("\n")
     times = payload["wall_seconds"].values()
+    threads = sorted({s["machine"]["cpu_threads"] for s in payload.get("sources", [payload])})
     wall = (
-        f"Wall time on {payload['machine']['cpu_threads']} CPU threads, all seeds: unlearning "
+        f"Wall time on {'–'.join(map(str, threads))} CPU threads, all seeds: unlearning "
         f"{_seconds_range([t['unlearn'] for t in times])} per method, the attack suite "
         f"{_seconds_range([t['attack'] for t in times])} per method."
     )

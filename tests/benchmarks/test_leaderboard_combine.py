@@ -64,6 +64,13 @@ def test_split_runs_combine_into_the_rows_of_one_run(committed, tmp_path):
     assert "bbbbbbb" in markdown and "Combined from leaderboard runs" in markdown
     assert (tmp_path / "out" / "leaderboard.png").exists()
 
+    # The README says where the rows were measured, and on how many threads.
+    from benchmarks.readme import leaderboard_block, provenance
+
+    assert provenance(payload).startswith("runs at git aaaaaaa; bbbbbbb, combined at git ")
+    threads = committed["machine"]["cpu_threads"]
+    assert f"Wall time on {threads} CPU threads" in leaderboard_block(payload)
+
     # A combined file given first is combined again with its runs listed as they were.
     again = leaderboard_combine.combine([payload], 0.05, n_boot=committed["config"]["n_boot"])
     assert again["rows"] == payload["rows"]
