@@ -293,6 +293,41 @@ def token_selection_block(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + note
 
 
+def magic_block(payload: dict[str, Any]) -> str:
+    """Exact (MAGIC) and first-order attribution: LDS and value-token recovery (magic_*.json)."""
+    lines = [
+        "| estimate | target | LDS (Spearman) | Pearson | precision at #values | "
+        "precision / recall at top 0.2 |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    truth = payload["ground_truth"]
+    for name in ("magic", "first_order"):
+        for target, row in payload["lds"][name].items():
+            values, top = truth[f"{name}, top #values"], truth[f"{name}, top 0.2"]
+            recovery = (
+                f"{values['precision']:.3f} | {top['precision']:.3f} / {top['recall']:.3f}"
+                if target == "forget_dev"
+                else "– | –"
+            )
+            lines.append(
+                f"| {name.replace('_', '-')} | {target} loss | {row['spearman']:.3f} | "
+                f"{row['pearson']:.3f} | {recovery} |"
+            )
+    lds, magic = payload["lds"], payload["magic"]
+    note = (
+        f"The attributed run: {payload['n_forget_docs']} attack-split forget and "
+        f"{payload['n_retain_docs']} retain documents of the {payload['config']['world_preset']} "
+        f"toy world, {magic['num_steps']} SGD steps with momentum; the metagradient through it "
+        f"took {magic['seconds']:.0f} s on {payload['machine']['cpu_threads']} CPU thread(s). LDS: "
+        f"{lds['n_subsets']} random subsets of {lds['n_dropped']} trained tokens dropped, each "
+        "retrained; the correlation between the predicted and the measured change of the target "
+        "loss. Precision against the value tokens (base rate "
+        f"{truth['values']['fraction']:.3f}) of the forget tokens whose training most lowers the "
+        "forget dev loss."
+    )
+    return "\n".join(lines) + "\n\n" + note
+
+
 class Block(NamedTuple):
     """One generated block of the README."""
 
@@ -309,6 +344,7 @@ BLOCKS = {
     "retain_ablation": Block("retain_ablation_circuit_breakers.json", retain_ablation_block),
     "leaderboard": Block("leaderboard.json", leaderboard_block),
     "token_selection": Block("token_selection.json", token_selection_block),
+    "magic": Block("magic_attribution.json", magic_block),
 }
 """Block name (as in the markers) -> its results file and renderer."""
 
