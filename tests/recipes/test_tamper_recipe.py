@@ -169,6 +169,7 @@ def test_every_attack_flag_overrides_the_preset(tmp_path, monkeypatch):
         "grad_clip": "0.5",
         "grad_accum": "5",
         "precision": "bfloat16",
+        "sam_rho": "0.05",
         "lora_rank": "4",
         "lora_alpha": "8.0",
         "lora_dropout": "0.1",
