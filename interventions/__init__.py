@@ -21,10 +21,14 @@ asks for log-probabilities, reduced inside the trace (`interventions.scoring`)::
 
     scores = choice_logprobs(model, input_ids, attention_mask, target_mask, remote="local")
 
+A frozen companion that shares the trained model's weights (the original of a LoRA run: the same
+model with its adapters disabled) is a `FrozenView` (`interventions.frozen`).
+
 Code outside this package never touches nnsight itself: `wrap_lm` wraps a Hugging Face model and
 `unwrap` gives the torch module back.
 """
 
+from interventions.frozen import FrozenView
 from interventions.graph import CompiledStep, StepGraph
 from interventions.nnsight_backend import (
     WrappedLM,
@@ -63,6 +67,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "CompiledStep",
     "Execution",
+    "FrozenView",
     "Lens",
     "Node",
     "Read",

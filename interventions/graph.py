@@ -21,10 +21,10 @@ A method declares its needs once, as data::
 Compiling resolves every site on its model (`interventions.sites`), groups the work into one nnsight
 trace per (model, batch) pair (plus one per `Route`, whose target runs a forward of its own),
 orders the traces so that every value is read before it is written elsewhere, and makes each trace
-stop right after the last site it needs. At run time a trace runs
-under ``torch.no_grad()`` unless something it returns needs a gradient: a read on a model with
-trainable parameters, or a read downstream of a routed activation that carries one. Reads with
-``grad=False`` are detached.
+stop right after the last site it needs. At run time a trace runs under ``torch.no_grad()`` unless
+something it returns needs a gradient: a read on a model with trainable parameters (an
+`interventions.frozen.FrozenView` has none), or a read downstream of a routed activation that
+carries one. Reads with ``grad=False`` are detached.
 
 A `Lens` decodes through the model's final norm and unembedding, or through frozen copies of them
 made at compile time where they have trainable parameters: a lens loss moves the activation it
@@ -55,6 +55,7 @@ import torch
 from nnsight import Envoy
 from torch import Tensor, nn
 
+from interventions.frozen import FrozenView
 from interventions.nnsight_backend import Edit, Point, as_envoy, forward_kwargs, run_trace
 from interventions.nodes import Lens, Node, Read, Route, Translator, Write
 from interventions.remote import Execution, as_remote, require_local
@@ -167,6 +168,9 @@ def _field(batch: Any, name: str) -> Any:
 
 
 def _is_trainable(module: nn.Module) -> bool:
+    """Whether a module has parameters that train; a frozen view has none, whatever it wraps."""
+    if isinstance(module, FrozenView):
+        return False
     return any(p.requires_grad for p in module.parameters())
 
 
@@ -196,8 +200,9 @@ class StepGraph:
         """Resolve sites and plan the traces for these models.
 
         Args:
-            models: Model name to model (a torch module, possibly peft- or DDP-wrapped, or an
-                nnsight envoy). Plain modules are wrapped with nnsight once, here.
+            models: Model name to model (a torch module, possibly peft- or DDP-wrapped, an
+                `interventions.frozen.FrozenView` of one, or an nnsight envoy). Plain modules are
+                wrapped with nnsight once, here.
             early_stop: Stop each trace after its last site. Turn off where the forward must
                 complete (e.g. for DDP's post-forward bookkeeping).
 

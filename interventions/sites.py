@@ -23,7 +23,8 @@ are fitted and applied at one named site, so this off-by-one cannot creep back i
 `ARCHITECTURES` is the data table that maps each site to a module path, per architecture. Adding
 an architecture is adding a row; nothing else branches on the architecture. Wrappers are looked
 through: a model inside peft's ``PeftModel`` resolves to paths under ``base_model.model.``, one
-inside DDP to paths under ``module.``, so the same site names work on a LoRA or distributed model.
+inside DDP or an `interventions.frozen.FrozenView` to paths under ``module.``, so the same site
+names work on a LoRA, distributed or frozen-view model.
 
 Usage::
 
@@ -198,6 +199,7 @@ Llama, Mistral and Qwen2 share one module layout and so one row."""
 WRAPPERS: dict[str, str] = {
     "DistributedDataParallel": "module",
     "PeftModel": "base_model.model",
+    "FrozenView": "module",
 }
 """Wrapper class name (matched anywhere in the class's MRO) to the path of the model it wraps."""
 
@@ -276,7 +278,8 @@ def describe_model(model: Any) -> ModelInfo:
 
     Args:
         model: A Hugging Face causal LM, a TransformerLens ``TransformerBridge``, either one inside
-            peft's ``PeftModel`` or DDP, or an nnsight envoy wrapping any of these.
+            peft's ``PeftModel``, DDP or a ``FrozenView``, or an nnsight envoy wrapping any of
+            these.
 
     Returns:
         What the resolver needs to map site names onto this model.

@@ -6,9 +6,10 @@
   fresh copy to run again;
 - every optimizer step takes `PairedBatches.at(step, ...)`, split into `grad_accum` micro-batches;
   each micro-batch runs the method's compiled step graph on the models "trainable" (the model being
-  unlearned) and "base" (a frozen copy of it as it was), then sums the method's terms weighted by
-  their coefficients at the current progress (optimizer step / (num_steps - 1), from 0 at the
-  first step to 1 at the last);
+  unlearned) and "base" (the model as it was: a frozen copy under full fine-tuning, the same model
+  with its LoRA adapters disabled under LoRA, `adapters_disabled`), then sums the method's terms
+  weighted by their coefficients at the current progress (optimizer step / (num_steps - 1), from
+  0 at the first step to 1 at the last);
 - full fine-tuning, or LoRA through peft (`LoraSettings`), with AdamW or Muon (Muon on 2-D
   weights, AdamW on the rest), gradient clipping, linear warmup, fp32 or bf16 autocast;
 - with `OptimSettings.sam_rho` > 0, every method's forget terms (all but "retain") are
@@ -39,16 +40,17 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from interventions import StepGraph
+from interventions import FrozenView, StepGraph
 from interventions.sites import describe_model, resolve_site
 from unlearn.config import LoraSettings, NonFinitePolicy, OptimSettings
 from unlearn.data import PairedBatches
@@ -267,6 +269,35 @@ def learning_rate(settings: OptimSettings, step: int, num_steps: int) -> float:
     if settings.schedule == "cosine":
         return settings.lr * 0.5 * (1.0 + math.cos(math.pi * done))
     raise ValueError(f"unknown schedule {settings.schedule!r}; choose constant, linear or cosine")
+
+
+_COPY_BASE_UNDER_LORA = False
+"""Under LoRA, deep-copy the frozen original as full fine-tuning does, instead of disabling the
+adapters (`adapters_disabled`): the reference the tests compare the shared original against."""
+
+
+def adapters_disabled(peft_model: nn.Module) -> FrozenView:
+    """The frozen original of a LoRA run: `peft_model` with its adapters disabled, in eval mode.
+
+    LoRA never changes the base weights, so the original needs no copy: every call runs the peft
+    model inside peft's ``disable_adapter()`` (the adapters are bypassed and take no gradient) and
+    in eval mode (no dropout, as in a frozen ``copy.deepcopy(model).eval()``), then restores the
+    adapters and each module's train/eval flag (`interventions.FrozenView`). Its module paths are
+    the peft model's under ``module.``, so sites resolve on it as on the peft model.
+    """
+    disable_adapter = peft_model.disable_adapter  # a PeftModel's, typed as nn.Module's attribute
+    return FrozenView(peft_model, cast(Callable[[], AbstractContextManager[Any]], disable_adapter))
+
+
+def _frozen_original(model: nn.Module, lora: LoraSettings | None) -> nn.Module | None:
+    """A frozen copy of `model` for full fine-tuning; None under LoRA.
+
+    Under LoRA the original is the trained model with its adapters disabled, made once the
+    adapters exist (`adapters_disabled`).
+    """
+    if lora is not None and not _COPY_BASE_UNDER_LORA:
+        return None
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def _uses_base(method: Method) -> bool:
@@ -619,18 +650,23 @@ def _start_run(
     eval_fn: Callable[[nn.Module], dict[str, float]] | None,
     ranks: tuple[int, int],
 ) -> _Run:
-    """Copy the base, add LoRA, build the optimizers and the step graph, load a saved state.
+    """Make the frozen base, add LoRA, build the optimizers and the step graph, load a state.
 
     `ranks`: (rank, world size), from `distributed_context`.
     """
     rank, world_size = ranks
     device = next(model.parameters()).device
     settings = _train_settings(method, batches, num_steps, optim, lora, seed, on_nonfinite, run_key)
-    # The frozen original costs a model's memory: copied only for methods that read it.
-    base = copy.deepcopy(model).eval().requires_grad_(False) if _uses_base(method) else None
+    # The frozen original, only for methods that read it. Full fine-tuning changes the weights,
+    # so it is a copy (a model's memory); LoRA does not, so it is the trained model itself with
+    # its adapters disabled (no second copy of the weights).
+    uses_base = _uses_base(method)
+    base = _frozen_original(model, lora) if uses_base else None
     if lora is not None:
         torch.manual_seed(seed)  # LoRA's random init: the same on every rank and every rerun
     trainable = add_lora(model, lora) if lora is not None else model
+    if uses_base and base is None:
+        base = adapters_disabled(trainable)
     trainable.train()
     params = list(_trainable(trainable).values())
     optimizers = make_optimizer(params, optim)
@@ -819,7 +855,7 @@ def train_plan(
     linear layers); one with `parameters` trains only the block parameters matching its patterns
     (LoRA: adapters only on the linear layers whose weight matches), in its `blocks` or in every
     block; a phase with neither trains what `train` trains. A phase with `init` first sets the
-    model's weights with it (before `train` copies the frozen "base"). Each phase keeps its state
+    model's weights with it (before `train` makes the frozen "base"). Each phase keeps its state
     in `out_dir/<phase.name>` with its own schedule (warmup and ramps restart), so a rerun passes
     through finished phases (`train` only reloads their weights) and resumes the interrupted one.
 

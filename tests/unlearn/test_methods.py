@@ -6,12 +6,13 @@ model and documents; the contract runs on the first phase of the returned plan (
 unlearning, the last block's).
 
 The contract (STYLE.md section 5): the weighted loss is a finite scalar; gradients land only on
-trainable parameters (never on the frozen base copy, only on lora_* parameters under LoRA); a
+trainable parameters (never on the frozen base, only on lora_* parameters under LoRA); a
 small step along the forget term's gradient lowers the forget term on the same batch; the config
 round-trips through `dataclasses.asdict` and through `simple_parsing.parse`.
 
 The models are wired exactly as `unlearn.training.train` wires them: "trainable" (optionally
-LoRA-wrapped) and "base" (a deep copy), compiled through `interventions.StepGraph`.
+LoRA-wrapped) and "base" (a deep copy; under LoRA the trainable model with its adapters disabled,
+`unlearn.training.adapters_disabled`), compiled through `interventions.StepGraph`.
 """
 
 import copy
@@ -53,7 +54,7 @@ from unlearn.methods.retain import retain_component
 from unlearn.probe import TransformerProbe, probe_depth, save_probes
 from unlearn.selection.magic_scores import TokenScores, save_token_scores
 from unlearn.selection.masks import documents_key
-from unlearn.training import LoraSettings, add_lora
+from unlearn.training import LoraSettings, adapters_disabled, add_lora
 
 N_LAYERS = 2
 
@@ -269,14 +270,17 @@ def _build(name: str, cfg, model, tokenizer, tmp_path):
 def _wire(model, tokenizer, cfg, name: str, use_lora: bool, tmp_path):
     """(method, trainable, base, compiled step) as `train` builds them, trainable moved off θ0.
 
-    The base copy keeps requires_grad=True on purpose: a method that reads the base model without
-    `grad=False` would then leak gradients into it, which the contract catches.
+    The base copy of full fine-tuning keeps requires_grad=True on purpose: a method that reads the
+    base model without `grad=False` would then leak gradients into it, which the contract catches.
+    Under LoRA the base is the trainable model with its adapters disabled, as `train` makes it.
     """
     method = _build(name, cfg, model, tokenizer, tmp_path)
-    base = copy.deepcopy(model).eval().requires_grad_(True)
     trainable = copy.deepcopy(model).requires_grad_(True)
     if use_lora:
         trainable = add_lora(trainable, LoraSettings(lora_rank=4))
+        base = adapters_disabled(trainable)
+    else:
+        base = copy.deepcopy(model).eval().requires_grad_(True)
     trainable.train()
     # Circuit breakers have a zero gradient exactly at θ0 (cos(h, h) = 1 is a maximum and
     # ‖h − h0‖ = 0); a small perturbation of the trainable weights makes every gradient informative.
@@ -485,7 +489,9 @@ def test_loss_is_finite_scalar_and_grads_reach_only_trainable(
     grads = [p.grad for p in trainable.parameters() if p.grad is not None]
     assert all(torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
-    assert all(p.grad is None for p in base.parameters()), "a gradient reached the base copy"
+    # Under LoRA the base shares the (disabled) adapters: its own weights are the rest.
+    frozen = [p for n, p in base.named_parameters() if not (use_lora and "lora_" in n)]
+    assert all(p.grad is None for p in frozen), "a gradient reached the base model"
 
 
 @pytest.mark.parametrize("name, kwargs, use_lora", CASES)

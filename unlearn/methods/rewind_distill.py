@@ -9,7 +9,7 @@ is distilled (`distill.py`, forward KL at temperature 1):
   teacher: the latest saved checkpoint of `checkpoint` (default: the model being unlearned) whose
   accuracy on tuning items (attack split and dev, never test) is within `margin` of chance; sweep
   in teacher_sweep/). It becomes the model's weights through the plan's `Phase.init`, so the
-  step graph's "base" (the frozen copy taken when training starts) is the checkpoint itself;
+  step graph's "base" (the frozen original as training starts) is the checkpoint itself;
 - retain term: KL(p_original ‖ p_θ) on every retain token, where the original is a frozen copy of
   the model being unlearned as loaded ("original"; or NLL, L2 or MSE of block outputs against it);
 - forget term, on forget text (the attack split) at the positions that predict a selected token
