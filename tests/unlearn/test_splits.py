@@ -4,6 +4,7 @@ instrumenting the item scorer."""
 
 import inspect
 import json
+from pathlib import Path
 
 import pytest
 from simple_parsing import parse
@@ -50,6 +51,15 @@ def test_test_items_are_scored_only_inside_reporting(tiny_lm):
 
 
 REPORTERS = {("unlearn/experiment.py", "report"), ("unlearn/tamper.py", "evaluate")}
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _in_repo(filename: str) -> str:
+    """A frame's file relative to the repository (wherever it is checked out), else as given."""
+    path = Path(filename).resolve()
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else filename
+
+
 """The final-reporting functions: an unlearning run's report and the attack's evaluation."""
 
 
@@ -65,7 +75,7 @@ def test_no_code_path_but_final_reporting_scores_a_test_item(tiny_home, tmp_path
 
     def spy(items):
         if any(item.get("split") == TEST for item in items):
-            frames = {(f.filename.split("/work/main/")[-1], f.function) for f in inspect.stack()}
+            frames = {(_in_repo(f.filename), f.function) for f in inspect.stack()}
             calls.append((eval_module.is_reporting(), frames & REPORTERS))
         return original(items)
 
