@@ -29,7 +29,9 @@ import numpy as np
 from simple_parsing import field, parse
 
 from benchmarks.leaderboard import FILTERED, UNFILTERED, write_results
+from unlearn.config import from_dict
 from unlearn.provenance import git_sha
+from unlearn.tamper import AttackSettings
 from unlearn.tamper_stats import Curves, bootstrap_metrics
 
 MUST_AGREE = ("world_preset", "suite", "seeds", "num_steps")
@@ -60,6 +62,11 @@ def control_difference(first: dict[str, Any], other: dict[str, Any]) -> float:
     return worst
 
 
+def _suite(payload: dict[str, Any]) -> dict[str, AttackSettings]:
+    """The attacks of a payload's suite as settings (fields added since it ran take defaults)."""
+    return {name: from_dict(AttackSettings, s) for name, s in payload["suite"].items()}
+
+
 def combine(payloads: list[dict[str, Any]], tolerance: float, n_boot: int) -> dict[str, Any]:
     """One leaderboard payload from several (module docstring).
 
@@ -80,7 +87,7 @@ def combine(payloads: list[dict[str, Any]], tolerance: float, n_boot: int) -> di
                     f"file {i + 1} has {name}={payload['config'][name]!r}, the first file "
                     f"{first['config'][name]!r}; combine only runs of the same leaderboard"
                 )
-        if payload["suite"] != first["suite"] or payload["steps"] != first["steps"]:
+        if _suite(payload) != _suite(first) or payload["steps"] != first["steps"]:
             raise ValueError(f"file {i + 1} has another attack suite or evaluated steps")
         if payload["n_test_items"] != first["n_test_items"]:
             raise ValueError(f"file {i + 1} scores {payload['n_test_items']} test items")

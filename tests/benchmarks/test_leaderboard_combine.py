@@ -98,6 +98,16 @@ def test_files_that_do_not_describe_the_same_leaderboard_are_refused(committed):
     other_seeds["config"]["seeds"] = 2
     with pytest.raises(ValueError, match="seeds=2"):
         combine(other_seeds)
+    # A run recorded before a setting existed combines when the setting is at its default.
+    older = copy.deepcopy(second)
+    for attack in older["suite"].values():
+        attack.pop("evaluator", None)
+        attack["optim"].pop("sam_rho", None)
+    assert "row_sources" in leaderboard_combine.combine([first, older], 0.05, n_boot=20)
+    newer = copy.deepcopy(second)
+    next(iter(newer["suite"].values()))["optim"]["sam_rho"] = 0.1
+    with pytest.raises(ValueError, match="attack suite"):
+        combine(newer)
     other_steps = copy.deepcopy(second)
     other_steps["steps"] = other_steps["steps"][:-1]
     with pytest.raises(ValueError, match="evaluated steps"):
