@@ -8,8 +8,9 @@ are recomputed from the recorded per-item credit (`unlearn.tamper_stats.bootstra
 resampling does not depend on which rows are present, so a row keeps its numbers). Each further
 file's own controls must agree with the first's within `--control_tolerance` at every step of every
 attack and seed (they differ only by floating-point drift between thread counts), and everything
-that defines a row must be the same: world preset, suite, steps, seeds and test items. Which commit
-each row ran at is written into leaderboard.json (`sources`, `row_sources`) and leaderboard.md.
+that defines a row must be the same: world preset, suite, steps, seeds and test items. Rows come in
+registry order. Which commit each row ran at is written into leaderboard.json (`sources`,
+`row_sources`) and leaderboard.md.
 
 Command:
     python -m benchmarks.leaderboard_combine benchmarks/results/leaderboard.json \
@@ -30,6 +31,7 @@ from simple_parsing import field, parse
 
 from benchmarks.leaderboard import FILTERED, UNFILTERED, write_results
 from unlearn.config import from_dict
+from unlearn.methods import REGISTRY
 from unlearn.provenance import git_sha
 from unlearn.tamper import AttackSettings
 from unlearn.tamper_stats import Curves, bootstrap_metrics
@@ -113,6 +115,11 @@ def combine(payloads: list[dict[str, Any]], tolerance: float, n_boot: int) -> di
             {key: payload[key] for key in ("command", "git_sha", "dirty", "machine", "seconds")}
             | {"methods": methods, "control_difference": difference}
         )
+    # Rows in registry order (the leaderboard's), whichever file they came from.
+    ranked = sorted(row_sources, key=lambda m: list(REGISTRY).index(m) if m in REGISTRY else 1e9)
+    records = {label: records[label] for label in (UNFILTERED, FILTERED, *ranked)}
+    wall = {label: wall[label] for label in ranked}
+    row_sources = {label: row_sources[label] for label in ranked}
     curves = {label: Curves.from_records(runs) for label, runs in records.items()}
     sha = git_sha()
     return {
