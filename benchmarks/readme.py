@@ -293,6 +293,23 @@ def token_selection_block(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + note
 
 
+def mask_ablation_block(payload: dict[str, Any]) -> str:
+    """One method trained with each forget token mask, attacked (mask_ablation.json)."""
+    cfg = payload["config"]
+    table = leaderboard_table(payload).rstrip("\n")
+    shares = ", ".join(f"`{m}` {100 * s:.1f}%" for m, s in payload["token_share"].items())
+    note = (
+        f"`{cfg['method']}` trained with each forget token mask (`--token_mask`: `all` every "
+        "token, `values` the ground-truth value tokens, otherwise a selector with its default "
+        f"settings), {cfg['seeds']} unlearning seeds each, attacked by the `{cfg['suite']}` suite "
+        "and read against the filtered twin attacked the same way, as on the leaderboard "
+        f"(accuracies in % on {payload['n_test_items']} held-out test items; excess in points; "
+        "95% bootstrap intervals over items and seeds). Share of forget tokens each mask "
+        f"selects: {shares}."
+    )
+    return f"{table}\n\n{note}"
+
+
 def magic_block(payload: dict[str, Any]) -> str:
     """Exact (MAGIC) and first-order attribution: LDS and value-token recovery (magic_*.json)."""
     lines = [
@@ -345,6 +362,7 @@ BLOCKS = {
     "leaderboard": Block("leaderboard.json", leaderboard_block),
     "token_selection": Block("token_selection.json", token_selection_block),
     "magic": Block("magic_attribution.json", magic_block),
+    "mask_ablation": Block("mask_ablation.json", mask_ablation_block),
 }
 """Block name (as in the markers) -> its results file and renderer."""
 
