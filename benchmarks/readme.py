@@ -86,7 +86,7 @@ def provenance(payload: dict[str, Any]) -> str:
         runs = dict.fromkeys(
             f"{s['git_sha'][:7]}{', dirty' if s['dirty'] else ''}" for s in payload["sources"]
         )
-        return f"runs at git {'; '.join(runs)}, combined at {tree}"
+        return f"git {' and '.join(runs)}, combined at {tree}"
     return tree
 
 

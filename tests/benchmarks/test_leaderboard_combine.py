@@ -67,7 +67,7 @@ def test_split_runs_combine_into_the_rows_of_one_run(committed, tmp_path):
     # The README says where the rows were measured, and on how many threads.
     from benchmarks.readme import leaderboard_block, provenance
 
-    assert provenance(payload).startswith("runs at git aaaaaaa; bbbbbbb, combined at git ")
+    assert provenance(payload).startswith("git aaaaaaa and bbbbbbb, combined at git ")
     threads = committed["machine"]["cpu_threads"]
     assert f"Wall time on {threads} CPU threads" in leaderboard_block(payload)
 
