@@ -30,14 +30,13 @@ from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from unlearn.data import TokenizedDocuments, tokenize_documents
 from unlearn.keys import result_key, settings_key
 from unlearn.selection.magic import MagicSettings, answer_rows, metagradients
-from unlearn.selection.masks import documents_key
+from unlearn.selection.masks import documents_key, read_safetensors
 from unlearn.toyworld.world import unlearn_home
 
 SCORES_FILE = "scores.safetensors"
@@ -119,20 +118,9 @@ def load_token_scores(path: str | os.PathLike[str]) -> TokenScores:
         FileNotFoundError: No score file there.
         ValueError: A file that is not a score file.
     """
-    file = Path(path).expanduser()
-    if file.is_dir():
-        file = file / SCORES_FILE
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"no token scores at {path}: pass a score file (or its folder) that "
-            "unlearn.selection.magic_scores wrote"
-        )
-    try:
-        tensors = load_file(file)
-        with safe_open(file, "pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{file} is not a token score file ({err})") from None
+    file, tensors, metadata = read_safetensors(
+        path, SCORES_FILE, "token score", "unlearn.selection.magic_scores"
+    )
     if {"forget_lengths", "retain_lengths"} - tensors.keys() or {"forget", "retain"} - set(
         metadata
     ):

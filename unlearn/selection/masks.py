@@ -92,6 +92,31 @@ def save_token_mask(mask: TokenMask, path: str | os.PathLike[str]) -> Path:
     return file
 
 
+def read_safetensors(
+    path: str | os.PathLike[str], default_name: str, what: str, writer: str
+) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file (or `default_name` in a folder): its path, tensors and metadata.
+
+    Raises:
+        FileNotFoundError: No such file, naming `what` it should hold and the `writer` of one.
+        ValueError: A file safetensors cannot read.
+    """
+    file = Path(path).expanduser()
+    if file.is_dir():
+        file = file / default_name
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"no {what} at {path}: pass a {what} file (or its folder) that {writer} wrote"
+        )
+    try:
+        tensors = load_file(file)
+        with safe_open(file, "pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file} is not a {what} file ({err})") from None
+    return file, tensors, metadata
+
+
 def load_token_mask(path: str | os.PathLike[str]) -> TokenMask:
     """Read a mask file, or the `mask.safetensors` in a folder.
 
@@ -99,20 +124,9 @@ def load_token_mask(path: str | os.PathLike[str]) -> TokenMask:
         FileNotFoundError: No mask file there.
         ValueError: A file that is not a mask file.
     """
-    file = Path(path).expanduser()
-    if file.is_dir():
-        file = file / MASK_FILE
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"no token mask at {path}: pass a mask file (or its folder) that "
-            "python -m recipes.select_tokens wrote"
-        )
-    try:
-        tensors = load_file(file)
-        with safe_open(file, "pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{file} is not a token mask file ({err})") from None
+    file, tensors, metadata = read_safetensors(
+        path, MASK_FILE, "token mask", "python -m recipes.select_tokens"
+    )
     if {"mask", "lengths"} - tensors.keys() or "documents" not in metadata:
         raise ValueError(
             f"{file} is not a token mask file: it lacks the mask, the row lengths or the "
