@@ -10,6 +10,10 @@ filtered twin exists for a real model: the attacked original is the reference cu
 the floor. Every evaluation scores the held-out **test** countries (entities in no training
 document) and retain.
 
+Each method's learning rate is chosen on the **dev** countries first (`--lr_grid`: every rate
+of a method's entry is run; the rule: retain at least 90% of the original's, then the lowest dev
+forget accuracy, then the lower rate); only the chosen run is attacked and scored on test.
+
 The CPU default is the subset `full_lr1e-3` of the suite: its strongest attack (on the default toy
 world's leaderboard it gives the worst case over the suite for most rows), 100 steps. On a GPU,
 `--attacks full_lr1e-4 full_lr3e-4 full_lr1e-3 lora_lr1e-3 --attack_steps 300` runs the whole
@@ -68,22 +72,29 @@ class Config:
     """The model (a short GGUF name, a local folder or a hub name)."""
     methods: list[str] = field(default_factory=lambda: ["lens_unlearn", "circuit_breakers"])
     """Registered methods to unlearn with (`unlearn.methods.REGISTRY`)."""
-    unlearn_steps: int = 100
+    unlearn_steps: int = 60
     """Training steps of every method."""
     batch_size: int = 8
     """Forget and retain rows per unlearning step."""
     max_len: int = 64
     """Tokens per row (the world's documents are one or two sentences)."""
+    lr_grid: list[str] = field(
+        default_factory=lambda: ["lens_unlearn=1e-5,3e-5", "circuit_breakers=3e-5,1e-4"]
+    )
+    """Learning rates swept on dev, one `method=lr1,lr2,...` entry per method (a method without
+    one runs at its committed toy-world default alone, still checked by the rule)."""
     unlearn_args: str = ""
     """Further flags for every method's recipe, as one string."""
     attacks: list[str] = field(default_factory=lambda: ["full_lr1e-3"])
     """Attacks of the `default` suite to run (CPU default: its strongest)."""
-    attack_steps: int = 100
+    attack_steps: int = 50
     """Steps of every attack."""
     attack_batch_size: int = 8
     """Rows per attack step."""
     eval_every: int = 25
-    """Attack steps between evaluations (besides the suite's early ones)."""
+    """Attack steps between evaluations (step 0 and the last are always evaluated)."""
+    early_evals: list[int] = field(default_factory=lambda: [10])
+    """Extra early attack evaluations (an evaluation of SmolLM2 on 1 CPU thread takes minutes)."""
     seed: int = 0
     """Seed of the world, the unlearning runs and the attacks."""
     max_forget_entities: int | None = None
@@ -111,23 +122,121 @@ class Config:
             raise ValueError(f"--attacks must name attacks of {list(attacks)}, got {self.attacks}")
         if min(self.unlearn_steps, self.attack_steps) < 1:
             raise ValueError("--unlearn_steps and --attack_steps must be >= 1")
+        self.lrs()
+
+    def lrs(self) -> dict[str, list[float]]:
+        """`--lr_grid` as method -> rates (methods without an entry get none: their default).
+
+        Raises:
+            ValueError: A malformed entry, or one for a method not in `--methods`.
+        """
+        grid: dict[str, list[float]] = {}
+        for entry in self.lr_grid:
+            method, sep, values = entry.partition("=")
+            try:
+                rates = [float(v) for v in values.split(",")] if sep and values else []
+            except ValueError:
+                rates = []
+            if not rates or min(rates) <= 0:
+                raise ValueError(f"--lr_grid entry {entry!r} must look like method=1e-5,3e-5")
+            if method not in self.methods:
+                raise ValueError(f"--lr_grid names {method!r}, which is not in --methods")
+            grid[method] = rates
+        return grid
+
+
+MIN_RETAIN_SHARE = 0.9
+"""A dev candidate qualifies when its retain accuracy is at least this share of the original's."""
+
+
+def choose_lr(candidates: dict[float | None, dict[str, float]]) -> float | None:
+    """The rate chosen on dev.
+
+    Qualifying (retain >= 90% of the original's) first, then the lowest dev forget accuracy, then
+    the lower rate.
+
+    Args:
+        candidates: Rate (None: the committed default) -> `forget_dev`, `retain` and
+            `retain_before` (the original's retain) accuracies.
+
+    Raises:
+        ValueError: No candidate keeps enough retain (widen the grid downwards).
+    """
+    ok = {
+        lr: c
+        for lr, c in candidates.items()
+        if c["retain"] >= MIN_RETAIN_SHARE * c["retain_before"] - 1e-9
+    }
+    if not ok:
+        seen = ", ".join(f"{lr}: retain {c['retain']:.3f}" for lr, c in candidates.items())
+        raise ValueError(
+            f"no learning rate keeps retain >= {MIN_RETAIN_SHARE:.0%} of the original's ({seen}); "
+            "add lower rates to --lr_grid"
+        )
+    return min(ok, key=lambda lr: (round(ok[lr]["forget_dev"], 6), lr or 0.0))
+
+
+SCORED_SPLITS = ("forget_dev", "forget_test", "retain")
+"""Item splits the unlearning runs score (not the attack split's: those entities' facts are in the
+forget documents, so their accuracy measures memorized text, and scoring them costs minutes)."""
+
+
+def scored_items(items_dir: Path, out: Path) -> Path:
+    """A copy of the world's item splits that the runs score (`SCORED_SPLITS`), under `out`.
+
+    Raises:
+        FileNotFoundError: The world lacks one of the splits.
+    """
+    target = out / "items" / content_key(items_dir)
+    if not target.exists():
+        staging = target.with_name(target.name + ".tmp")
+        staging.mkdir(parents=True, exist_ok=True)
+        for split in SCORED_SPLITS:
+            source = items_dir / f"{split}.jsonl"
+            if not source.exists():
+                raise FileNotFoundError(f"{items_dir} has no {split}.jsonl; rebuild the world")
+            (staging / source.name).write_bytes(source.read_bytes())
+        staging.rename(target)
+    return target
 
 
 def unlearn_all(cfg: Config, world_flags: list[str], out: Path, inputs: dict[str, str]) -> dict:
-    """Run (or reuse) every method; its model folder and seconds per training step."""
+    """Run (or reuse) every method at every rate of its grid; choose one on dev.
+
+    Returns:
+        Per method: the chosen run's model folder, results and seconds per training step, the
+        chosen rate and every candidate's dev forget and retain accuracy.
+    """
     runs = {}
+    grid = cfg.lrs()
     for name in cfg.methods:
         args = [
             "--model", cfg.model, *world_flags, "--num_steps", str(cfg.unlearn_steps),
             "--batch_size", str(cfg.batch_size), "--max_len", str(cfg.max_len),
             "--seed", str(cfg.seed), "--device", cfg.device, *shlex.split(cfg.unlearn_args),
         ]  # fmt: skip
-        run_dir, _ = run_keyed(name, args, out / name, inputs=inputs)
-        results = json.loads((run_dir / "results.json").read_text())
+        candidates, made = {}, {}
+        for lr in grid.get(name, [None]):
+            rate = [] if lr is None else ["--lr", repr(lr)]
+            run_dir, _ = run_keyed(
+                name, [*args, *rate], out / name / ("default" if lr is None else f"lr{lr:g}"),
+                inputs=inputs,
+            )  # fmt: skip
+            results = json.loads((run_dir / "results.json").read_text())
+            candidates[lr] = {
+                "forget_dev": results["forget_dev_acc"],
+                "retain": results["retain_acc"],
+                "retain_before": results["retain_acc_before"],
+            }
+            made[lr] = (run_dir, results)
+        lr = choose_lr(candidates)
+        run_dir, results = made[lr]
         runs[name] = {
             "model": run_dir / "model",
             "results": results,
             "seconds_per_step": results["train_seconds"] / cfg.unlearn_steps,
+            "lr": lr,
+            "dev_sweep": [{"lr": k, **v} for k, v in candidates.items()],
         }
     return runs
 
@@ -143,6 +252,7 @@ def attack_all(cfg: Config, data: DataConfig, label: str, weights: Path | None, 
             batch_size=cfg.attack_batch_size,
             max_len=cfg.max_len,
             eval_every=cfg.eval_every,
+            early_evals=tuple(cfg.early_evals),
         )
         setup = load_setup(
             ModelConfig(model=cfg.model, device=cfg.device),
@@ -200,11 +310,13 @@ def main(cfg: Config) -> dict[str, Any]:
     world = build_realfacts(world_cfg)
     out = Path(cfg.out or unlearn_home() / "real_model" / cfg.model).expanduser()
     inputs = {"world": content_key(world.root / "config.json")}
-    runs = unlearn_all(cfg, world.unlearn_flags(), out, inputs)
+    items = scored_items(world.items_dir, out)
+    flags = ["--forget_data", str(world.forget_data), "--retain_data", str(world.retain_data)]
+    runs = unlearn_all(cfg, [*flags, "--eval_items", str(items)], out, inputs)
     data = DataConfig(
         forget_data=str(world.forget_data),
         retain_data=str(world.retain_data),
-        eval_items=str(world.items_dir),
+        eval_items=str(items),
         max_len=cfg.max_len,
     )
     rows: dict[str, Any] = {}
@@ -215,6 +327,8 @@ def main(cfg: Config) -> dict[str, Any]:
             "forget_test": before["forget_acc"],
             "retain": before["retain_acc"],
             "unlearn_seconds_per_step": runs[label]["seconds_per_step"] if label in runs else None,
+            "lr": runs[label]["lr"] if label in runs else None,
+            "dev_sweep": runs[label]["dev_sweep"] if label in runs else None,
             "attacks": attacks,
             "worst_case": worst_case(attacks),
         }

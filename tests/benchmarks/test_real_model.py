@@ -33,3 +33,44 @@ def test_bad_settings_fail_before_anything_loads():
         real_model.Config(attacks=[])
     with pytest.raises(ValueError, match="steps"):
         real_model.Config(attack_steps=0)
+
+
+def test_the_learning_rate_is_chosen_on_dev_by_retain_then_forget_then_the_lower_rate():
+    def cand(forget, retain):
+        return {"forget_dev": forget, "retain": retain, "retain_before": 0.8}
+
+    # 0.71 < 0.9 * 0.8 = 0.72: 3e-4 forgets most but loses too much retain.
+    assert real_model.choose_lr({1e-5: cand(0.6, 0.8), 1e-4: cand(0.4, 0.72),
+                                 3e-4: cand(0.3, 0.71)}) == 1e-4  # fmt: skip
+    assert real_model.choose_lr({1e-5: cand(0.4, 0.8), 1e-4: cand(0.4, 0.75)}) == 1e-5
+    assert real_model.choose_lr({None: cand(0.5, 0.8)}) is None
+    with pytest.raises(ValueError, match="add lower rates"):
+        real_model.choose_lr({1e-3: cand(0.25, 0.3)})
+
+
+def test_the_lr_grid_is_parsed_per_method_and_checked():
+    cfg = real_model.Config(lr_grid=["lens_unlearn=1e-5,3e-5"])
+    assert cfg.lrs() == {"lens_unlearn": [1e-5, 3e-5]}
+    for bad in ("lens_unlearn", "lens_unlearn=", "lens_unlearn=fast", "lens_unlearn=-1e-5"):
+        with pytest.raises(ValueError, match="must look like"):
+            real_model.Config(lr_grid=[bad])
+    with pytest.raises(ValueError, match="not in --methods"):
+        real_model.Config(lr_grid=["npo=1e-5"])
+
+
+def test_the_runs_score_the_dev_test_and_retain_items_only(tmp_path):
+    items = tmp_path / "world_items"
+    items.mkdir()
+    for split in ("forget_attack", "forget_dev", "forget_test", "retain"):
+        (items / f"{split}.jsonl").write_text(f'{{"split": "{split}"}}\n')
+    scored = real_model.scored_items(items, tmp_path / "out")
+    assert sorted(p.name for p in scored.iterdir()) == [
+        "forget_dev.jsonl",
+        "forget_test.jsonl",
+        "retain.jsonl",
+    ]
+    assert (scored / "retain.jsonl").read_text() == (items / "retain.jsonl").read_text()
+    assert real_model.scored_items(items, tmp_path / "out") == scored  # made once
+    (items / "retain.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="retain"):
+        real_model.scored_items(items, tmp_path / "elsewhere")
