@@ -68,6 +68,9 @@ class Config:
     """Toy-world preset."""
     unlearn_args: str = ""
     """Extra flags for every recipe, as one string."""
+    label: str | None = None
+    """Row label (and run folder) of a variant of one method, e.g. `--methods detractor
+    --unlearn_args '--train_on detractors' --label detractor_detractors`; None: its name."""
     out: str | None = None
     """Where the runs go (default: $UNLEARN_HOME/leaderboard/<preset>)."""
     results: str = "benchmarks/results"
@@ -88,6 +91,10 @@ class Config:
             raise ValueError(f"unknown methods {sorted(unknown)}; choose from {list(REGISTRY)}")
         if self.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.label is not None and len(self.methods) != 1:
+            raise ValueError(f"--label names the row of one method; got --methods {self.methods}")
+        if self.label in (UNFILTERED, FILTERED):
+            raise ValueError(f"--label {self.label!r} is a control's row label; choose another")
         suite(self.suite)
 
 
@@ -204,7 +211,10 @@ def main(cfg: Config) -> dict[str, Any]:
     records = control_runs(cfg, world, setup)
     seconds: dict[str, dict[str, float]] = {}
     for name in cfg.methods:
-        records[name], seconds[name] = method_runs(name, args, out / name, cfg, world_key)
+        label = cfg.label or name
+        records[label], seconds[label] = method_runs(
+            name, args, out / label, cfg, world_key, label=label
+        )
 
     curves = {label: Curves.from_records(runs) for label, runs in records.items()}
     rows = bootstrap_metrics(curves, FILTERED, UNFILTERED, n_boot=cfg.n_boot)

@@ -58,6 +58,13 @@ def test_leaderboard_rows_metrics_reuse_and_code_version(tiny_home, tmp_path, mo
     assert again["wall_seconds"] == payload["wall_seconds"]
     assert again["rows"] == payload["rows"]
 
+    # A labelled variant of the method is a row (and a run folder) of its own.
+    variant = leaderboard.main(
+        leaderboard.Config(**{**vars(_config(tmp_path, seeds=1)), "label": "lens_v"})
+    )
+    assert list(variant["rows"]) == ["unfiltered", "filtered twin", "lens_v"]
+    assert (tmp_path / "runs" / "lens_v" / "seed0" / "run" / "results.json").exists()
+
     # Another code version misses every cache: the runs and the controls are recomputed.
     monkeypatch.setattr(keys, "code_version", lambda: "0.0.0+changed")
     controls = sorted((tiny_home.root / "tamper_controls").iterdir())
@@ -73,6 +80,10 @@ def test_bad_leaderboard_settings_fail_before_running():
         leaderboard.Config(suite="nope")
     with pytest.raises(ValueError, match="seeds"):
         leaderboard.Config(seeds=0)
+    with pytest.raises(ValueError, match="--label"):
+        leaderboard.Config(methods=["npo", "rmu"], label="x")
+    with pytest.raises(ValueError, match="--label"):
+        leaderboard.Config(methods=["npo"], label="filtered twin")
 
 
 def test_reused_runs_report_the_wall_seconds_recorded_when_they_ran(tmp_path):
