@@ -52,6 +52,15 @@ class OptimSettings:
     whose worst point (first order) the forget terms are minimized at; 0 turns it off. Every term
     but "retain" is sharpness-aware, the retain term is not; it costs one more forward pass and
     one more backward pass of the forget terms per micro-batch (`unlearn.training`)."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """How `torchrun` ranks share a run (ignored in one process): "ddp" keeps the model on every
+    rank and all-reduces gradients bucket by bucket while the backward pass runs (PyTorch's DDP,
+    as `torch.distributed._composable.replicate`); "fsdp" shards every block, then the root,
+    across the ranks (FSDP2 `fully_shard`: weights gathered per block for each forward,
+    gradients reduce-scattered, optimizer state sharded), full fine-tuning only."""
+    shard_companions: bool = False
+    """Under "fsdp", shard the frozen companions (the original model a method reads, and its
+    further frozen models) across the ranks too, instead of a full copy on every rank."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):

@@ -102,6 +102,11 @@ def load_state(
     """
     path = out_dir / STATE_FILE
     state = torch.load(path, weights_only=False)
+    if state.get("sharded"):
+        raise RunMismatchError(
+            f"{path} is the progress of a sharded (--parallel fsdp) run; resume it under torchrun "
+            "with the same number of processes' settings, or use a new output directory"
+        )
     if set(state["params"]) != set(params):
         raise RunMismatchError(
             f"{path} was saved by a run with other trainable parameters; "

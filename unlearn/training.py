@@ -15,9 +15,12 @@
 - with `OptimSettings.sam_rho` > 0, every method's forget terms (all but "retain") are
   sharpness-aware: their gradient is taken at the worst point of a ρ-ball, the retain term's at
   the weights themselves (`_Run.sharpness_aware_backward`);
-- under `torchrun`, each rank takes its share of the global batch and gradients are averaged
-  across ranks before the optimizer step (an explicit all-reduce: a step runs several traces of
-  the model, some stopped early, which DDP's one-forward-one-backward hooks do not allow);
+- under `torchrun`, each rank takes its share of the global batch; `OptimSettings.parallel`
+  chooses DDP (the model on every rank, gradients all-reduced bucket by bucket while the backward
+  pass runs; `replicate` with unused parameters allowed, since a step runs several traces of the
+  model and some stop early) or FSDP2 (`fully_shard` on every block, then the root: weights,
+  gradients and optimizer state sharded, saved as a sharded checkpoint, `_sharded`); either way
+  the model returned is a plain module holding the full trained weights on every rank;
 - metrics go to `metrics.jsonl` and a progress bar; `eval_fn` runs every `eval_every` steps;
 - the trainable parameters, optimizer, step and elapsed time are saved every `save_every` steps,
   with the settings that shape the run (steps, optimizer, LoRA, seed, batch size, the method's
@@ -52,6 +55,7 @@ from tqdm.auto import tqdm
 
 from interventions import FrozenView, StepGraph
 from interventions.sites import describe_model, resolve_site
+from unlearn import train_state_sharded as _sharded
 from unlearn.config import LoraSettings, NonFinitePolicy, OptimSettings
 from unlearn.data import PairedBatches
 from unlearn.methods.base import (
@@ -309,6 +313,167 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def check_parallel(optim: OptimSettings, lora: LoraSettings | None, world_size: int) -> None:
+    """Refuse what the data-parallel strategies do not support, before anything runs.
+
+    Raises:
+        ValueError: FSDP2 with LoRA, or a sharpness-aware step, on more than one rank.
+    """
+    if world_size == 1:
+        return
+    if optim.parallel == "fsdp" and lora is not None:
+        raise ValueError(
+            "--parallel fsdp shards full fine-tuning only; LoRA runs keep one copy of the frozen "
+            "weights per rank: use --parallel ddp with --lora_rank"
+        )
+    if optim.sam_rho > 0:
+        raise ValueError(
+            "--sam_rho takes its own gradient of the forget terms before the step's backward pass, "
+            "which DDP's and FSDP2's gradient hooks do not allow; run sharpness-aware unlearning "
+            "in one process (--grad_accum for a larger batch)"
+        )
+
+
+_MESHES: dict[tuple[str, int], Any] = {}
+
+
+def _mesh(device: torch.device, world_size: int) -> Any:
+    """The 1-D device mesh of every rank (made once per process)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    key = (device.type, world_size)
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh(device.type, (world_size,))
+    return _MESHES[key]
+
+
+def _policy(precision: str) -> Any:
+    """FSDP2's mixed precision for `OptimSettings.precision`.
+
+    bfloat16: weights gathered and the forward pass in bf16, gradients reduced in fp32 into the
+    fp32 weights the optimizer updates.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bfloat16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def _per_block(model: nn.Module, wrap: Callable[[nn.Module], Any]) -> None:
+    """`wrap` every block, then the root.
+
+    Each block is its own unit: gathered for its forward, reduced in its backward, overlapping the
+    backward of the blocks before it.
+    """
+    for layer in range(describe_model(model).n_layers):
+        wrap(model.get_submodule(block_path(model, layer)))
+    wrap(model)
+
+
+def _data_parallel(
+    trainable: nn.Module, companions: Mapping[str, Any], optim: OptimSettings, device: torch.device
+) -> None:
+    """Make `trainable` data-parallel in place (`OptimSettings.parallel`), and the companions.
+
+    "fsdp": FSDP2 `fully_shard`. "ddp": FSDP2's replicate (DDP on FSDP2's hooks, which register
+    the gradient reduction in each unit's forward, so a trace stopped early still reduces the
+    gradients it made, unlike DDP's module wrapper); under LoRA only the root is replicated and
+    the frozen weights are left alone (the adapters are small; merging needs plain weights).
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    mesh, policy = _mesh(device, dist.get_world_size()), _policy(optim.precision)
+    if optim.parallel == "fsdp":
+        _per_block(trainable, lambda m: fully_shard(m, mesh=mesh, mp_policy=policy))
+        for companion in companions.values() if optim.shard_companions else ():
+            # A companion shared by several phases is sharded once.
+            if isinstance(companion, nn.Module) and not isinstance(companion, FSDPModule):
+                _per_block(companion, lambda m: fully_shard(m, mesh=mesh, mp_policy=policy))
+        return
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    frozen = {p for p in trainable.parameters() if not p.requires_grad}
+    if frozen:  # LoRA (or a phase training some blocks): one unit, frozen weights untouched
+        replicate(trainable, mesh=mesh, mp_policy=policy, ignored_params=frozen)
+    else:
+        _per_block(trainable, lambda m: replicate(m, mesh=mesh, mp_policy=policy))
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's local part (a DTensor's shard on this rank; a plain tensor itself)."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
+def _total_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The global L2 norm of the gradients.
+
+    Whole also when they are DTensors, sharded or replicated across the ranks.
+    """
+    if not grads:
+        return torch.zeros((), device=device)
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _clip_grads(grads: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
+    """Scale the gradients so their global norm is at most `max_norm` (as torch's clipping)."""
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in _local(grads):
+        g.mul_(coef.to(g.device, g.dtype))
+
+
+def _plain_parameters(model: nn.Module) -> None:
+    """Replace every DTensor parameter (replicated: each rank holds all of it) by a plain one."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and hasattr(param, "to_local"):
+                plain = nn.Parameter(param.to_local().detach().clone(), param.requires_grad)
+                module._parameters[name] = plain
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """A plain module (no DDP or FSDP2 hooks) holding `model`'s full weights, on every rank.
+
+    Built on the meta device and filled with the gathered state dict; buffers and tensor
+    attributes a state dict omits (e.g. rotary frequencies) are taken from `model`.
+
+    Raises:
+        RuntimeError: A tensor of the new module was left unfilled.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    state = {k: v.detach().clone() for k, v in get_model_state_dict(model, options=options).items()}
+    plain_cls = next(
+        (c for c in type(model).__mro__ if c.__module__.startswith("transformers.")), None
+    )
+    if plain_cls is None:
+        raise TypeError(
+            f"{type(model).__name__} is not a Hugging Face model; under torchrun the trained "
+            "model is rebuilt from its class in transformers"
+        )
+    with torch.device("meta"):
+        plain = plain_cls(model.config)
+    plain.load_state_dict(state, assign=True, strict=True)
+    wrapped = dict(model.named_modules())
+    for name, module in plain.named_modules():
+        for attr, value in [*module._buffers.items(), *vars(module).items()]:
+            if torch.is_tensor(value) and value.is_meta:
+                setattr(module, attr, getattr(wrapped[name], attr))
+    if getattr(plain.config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    left = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"gathering the trained model left {left[:5]} unfilled")
+    plain.generation_config = model.generation_config
+    for (_, trained), (_, param) in zip(
+        model.named_parameters(), plain.named_parameters(), strict=False
+    ):
+        param.requires_grad_(trained.requires_grad)
+    return plain.eval()
+
+
 def _save_state(
     out_dir: Path, model: nn.Module, optimizers: list, settings: dict[str, Any], progress: Progress
 ) -> None:
@@ -471,14 +636,19 @@ class _Run:
             handle.write(json.dumps(record) + "\n")
 
     def evaluate(self, step: int) -> None:
-        """Log `eval_fn`'s numbers on rank 0, in eval mode without gradients."""
-        if self.eval_fn is None or self.rank != 0:
+        """Log `eval_fn`'s numbers on rank 0, in eval mode without gradients.
+
+        Under FSDP2 every rank runs `eval_fn` (each forward pass gathers the shards from all of
+        them); rank 0 logs.
+        """
+        if self.eval_fn is None or (self.rank != 0 and not self.sharded):
             return
         self.trainable.eval()
         with torch.no_grad():
             scores = self.eval_fn(self.trainable)
         self.trainable.train()
-        self.log({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
+        if self.rank == 0:
+            self.log({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
 
     def nonfinite(self, what: str, step: int) -> FloatingPointError:
         """The error that stops the run, saying where the last finite state is."""
@@ -584,11 +754,7 @@ class _Run:
         return value
 
     def average_across_ranks(self, sums: dict[str, float]) -> dict[str, float]:
-        """Average the gradients (in place) and the metrics over the ranks."""
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        """Average the metrics over the ranks (DDP or FSDP2 averaged the gradients already)."""
         packed = torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(packed, op=dist.ReduceOp.AVG)
         return dict(zip(sums, packed.tolist(), strict=True))
@@ -606,7 +772,7 @@ class _Run:
         if step_is_finite:
             # Measured before clipping: clipping a NaN norm would write NaN into every gradient.
             grads = [p.grad for p in self.params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            norm = _total_norm(grads, self.device)
             grad_norm = float(norm)
             step_is_finite = math.isfinite(grad_norm)
             if not step_is_finite and self.on_nonfinite == "stop":
@@ -614,7 +780,7 @@ class _Run:
                 raise self.nonfinite(what, step)
         if step_is_finite:
             if self.optim.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(self.params, self.optim.grad_clip, norm)
+                _clip_grads(grads, self.optim.grad_clip, norm)
             for opt in self.optimizers:
                 opt.step()
         else:
@@ -623,14 +789,27 @@ class _Run:
                 opt.zero_grad(set_to_none=True)
         return _StepOutcome(sums, grad_norm, step_is_finite)
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded across the ranks (FSDP2)."""
+        return self.world_size > 1 and self.optim.parallel == "fsdp"
+
     def save(self, done: int) -> None:
-        """Save the state after `done` steps (rank 0 writes it), or stop if it is not finite."""
-        # Checked on every rank (they hold the same weights), so all stop together.
-        if not is_finite(floating_tensors(self.params, self.optimizers)):
+        """Save the state after `done` steps, or stop if it is not finite.
+
+        In one process a `train_state.pt`; under torchrun every rank writes its part of a
+        sharded checkpoint (`unlearn.train_state_sharded`).
+        """
+        finite = is_finite(_local(floating_tensors(self.params, self.optimizers)))
+        if self.sharded:  # each rank checked its own shards
+            finite = self.is_finite_everywhere(0.0 if finite else math.inf)
+        if not finite:  # every rank holds the same verdict, so all stop together
             raise self.nonfinite("the weights or optimizer state became NaN or infinite", done - 1)
         self.elapsed = self.saved.elapsed_seconds + time.perf_counter() - self.segment_start
-        if self.rank == 0:
-            progress = Progress(done, self.elapsed, self.skipped)
+        progress = Progress(done, self.elapsed, self.skipped)
+        if self.world_size > 1:  # DTensor weights (sharded or replicated): a DCP checkpoint
+            _sharded.save(self.out, self.trainable, self.optimizers, self.settings, progress)
+        elif self.rank == 0:
             _save_state(self.out, self.trainable, self.optimizers, self.settings, progress)
         self.last_saved = done
 
@@ -667,17 +846,21 @@ def _start_run(
     trainable = add_lora(model, lora) if lora is not None else model
     if uses_base and base is None:
         base = adapters_disabled(trainable)
+    companions = {**({BASE: base} if base is not None else {}), **extra_models(method)}
+    # Compiled before the models become data-parallel: the graph's frozen copies (a lens's final
+    # norm and unembedding) are taken of plain modules; the wrapping happens in place.
+    step_fn = StepGraph(list(method.nodes)).compile({TRAINABLE: trainable, **companions})
+    if world_size > 1:
+        _data_parallel(trainable, companions, optim, device)
     trainable.train()
     params = list(_trainable(trainable).values())
     optimizers = make_optimizer(params, optim)
-    models = {TRAINABLE: trainable, **({BASE: base} if base is not None else {})}
-    models.update(extra_models(method))
-    step_fn = StepGraph(list(method.nodes)).compile(models)
-    saved = (
-        load_state(out, _trainable(trainable), optimizers, settings)
-        if (out / STATE_FILE).exists()
-        else Progress()
-    )
+    if not (out / STATE_FILE).exists():
+        saved = Progress()
+    elif world_size > 1:
+        saved = _sharded.load(out, trainable, optimizers, settings)
+    else:
+        saved = load_state(out, _trainable(trainable), optimizers, settings)
     segment_start = time.perf_counter()
     history = _rewind_metrics(out / METRICS_FILE, saved.step) if rank == 0 else []
     return _Run(
@@ -753,7 +936,11 @@ def _finish(run: _Run, lora: LoraSettings | None) -> TrainResult:
             stacklevel=3,
         )
     run.trainable.eval()
+    if run.world_size > 1 and lora is not None:
+        _plain_parameters(run.trainable)  # the replicated adapters; the wrapper is the peft root
     merged = run.trainable.merge_and_unload() if lora is not None else run.trainable
+    if run.world_size > 1 and lora is None:
+        merged = _unwrapped(merged)
     # The time up to the final state, as saved: a rerun of a finished run reports the same.
     return TrainResult(
         model=merged, history=run.history, train_seconds=run.elapsed, skipped_steps=run.skipped
@@ -811,6 +998,7 @@ def train(
     """
     lora = lora if lora is not None and lora.enabled else None
     rank, world_size = distributed_context()
+    check_parallel(optim, lora, world_size)
     n_micro = world_size * optim.grad_accum
     _check_arguments(
         num_steps, save_every, log_every, eval_every, on_nonfinite, batches.batch_size, n_micro

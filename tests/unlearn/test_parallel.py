@@ -1,0 +1,175 @@
+"""Data-parallel training under torchrun-style processes (2 gloo ranks on CPU), DDP and FSDP2.
+
+A method with a frozen companion (circuit breakers read the original model) on 2 ranks x 1
+micro-batch gives the same metrics, evaluations and final weights as one process x 2
+micro-batches over the same global batch; a run interrupted after a saved state resumes to the
+same result; the model returned is a plain module with the full weights on every rank.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unlearn.config import LoraSettings, OptimSettings
+from unlearn.data import PairedBatches
+from unlearn.methods.circuit_breakers import CircuitBreakers, CircuitBreakersConfig
+from unlearn.training import METRICS_FILE, check_parallel, train
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+N_LAYERS = 2
+STEPS = 3
+
+
+class Interrupted(Exception):
+    """Stands for a kill after a saved state."""
+
+
+def _run(root: Path, out: str, parallel: str, grad_accum: int, interrupt_at: int | None = None):
+    """Train the saved model on the saved data (save every 2 steps, evaluate every step)."""
+    import unlearn.training as training
+
+    model = torch.load(root / "model.pt", weights_only=False)
+    forget, retain = torch.load(root / "data.pt", weights_only=False)
+    probe = torch.tensor([forget.ids[0][:5], forget.ids[1][:5]])
+    step_once = training._Run.optimizer_step
+
+    def optimizer_step(run, step, lr):
+        if step == interrupt_at:
+            raise Interrupted
+        return step_once(run, step, lr)
+
+    training._Run.optimizer_step = optimizer_step
+    try:
+        return train(
+            model,
+            CircuitBreakers(CircuitBreakersConfig(), N_LAYERS),
+            PairedBatches(forget, retain, batch_size=4),
+            num_steps=STEPS,
+            out_dir=root / out,
+            optim=OptimSettings(lr=3e-3, warmup_steps=0, grad_accum=grad_accum, parallel=parallel),
+            eval_fn=lambda m: {"mean_logit": float(m(probe).logits.double().mean())},
+            eval_every=1,
+            save_every=2,
+            desc=out,
+        )
+    finally:
+        training._Run.optimizer_step = step_once
+
+
+def parallel_worker(root: str, parallel: str) -> None:
+    """Each process: a straight run, an interrupted one and its resumption; final weights."""
+    import torch.distributed as dist
+
+    root_path, rank = Path(root), os.environ["RANK"]
+    result = _run(root_path, parallel, parallel, grad_accum=1)
+    torch.save(
+        {"weights": result.model.state_dict(), "type": type(result.model).__name__},
+        root_path / f"{parallel}_rank{rank}.pt",
+    )
+    with pytest.raises(Interrupted):
+        _run(root_path, f"{parallel}_resumed", parallel, grad_accum=1, interrupt_at=2)
+    resumed = _run(root_path, f"{parallel}_resumed", parallel, grad_accum=1)
+    torch.save(resumed.model.state_dict(), root_path / f"{parallel}_resumed_rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _records(out_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single(tiny_lm, tmp_path_factory):
+    """The saved model and data, and one process x 2 micro-batches on them."""
+    model, tokenizer = tiny_lm
+    root = tmp_path_factory.mktemp("parallel")
+    fresh = type(model)(model.config)  # not the fixture (nnsight hooks may be on it)
+    fresh.load_state_dict(model.state_dict())
+    torch.save(fresh, root / "model.pt")
+    from unlearn.data import tokenize_documents
+
+    texts = ["the cat sat on the mat", "a dog ran far away today", "birds sing at dawn"]
+    forget = tokenize_documents(tokenizer, [{"text": t} for t in texts * 2], max_len=16)
+    retain = tokenize_documents(tokenizer, [{"text": t[::-1]} for t in texts * 2], max_len=16)
+    torch.save((forget, retain), root / "data.pt")
+    return root, _run(root, "single", "ddp", grad_accum=2)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process_and_resume(parallel, single):
+    root, reference = single
+    port = _free_port()
+    code = (
+        "import sys; from tests.unlearn.test_parallel import parallel_worker; "
+        "parallel_worker(sys.argv[1], sys.argv[2])"
+    )
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "CUDA_VISIBLE_DEVICES": "",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code, str(root), parallel],
+                env=env,
+                cwd=REPO_ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    for rank, proc in enumerate(procs):
+        try:
+            output, _ = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            pytest.fail(f"{parallel} rank {rank} timed out")
+        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
+
+    got, want = _records(root / parallel), _records(root / "single")
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    assert any("eval/mean_logit" in r for r in got[1:])  # evaluated during the run
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, rel=1e-5, abs=1e-7)
+    expected = reference.model.state_dict()
+    moved = max(
+        float((expected[k] - v).abs().max())
+        for k, v in torch.load(root / "model.pt", weights_only=False).state_dict().items()
+    )
+    assert moved > 1e-4  # the runs trained
+    for rank in range(2):
+        final = torch.load(root / f"{parallel}_rank{rank}.pt", weights_only=False)
+        assert final["type"] == type(reference.model).__name__  # a plain module
+        torch.testing.assert_close(final["weights"], expected, rtol=1e-5, atol=1e-6)
+        resumed = torch.load(root / f"{parallel}_resumed_rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(resumed, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_what_the_parallel_strategies_refuse_is_said_before_anything_runs():
+    check_parallel(OptimSettings(parallel="fsdp", sam_rho=0.1), LoraSettings(8), 1)  # one process
+    with pytest.raises(ValueError, match="--parallel ddp"):
+        check_parallel(OptimSettings(parallel="fsdp"), LoraSettings(8), 2)
+    check_parallel(OptimSettings(parallel="ddp"), LoraSettings(8), 2)
+    with pytest.raises(ValueError, match="--sam_rho"):
+        check_parallel(OptimSettings(sam_rho=0.1), None, 2)
