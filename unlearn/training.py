@@ -232,6 +232,51 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     return get_peft_model(model, config)
 
 
+class Muon(torch.optim.Muon):
+    """`torch.optim.Muon` that also orthogonalizes matrices sharded across ranks (FSDP2).
+
+    Muon's update is the Newton-Schulz orthogonalization of a whole matrix's momentum, which no
+    shard can compute alone: for a DTensor weight the momentum stays sharded (it is elementwise),
+    the update matrix is gathered, orthogonalized on every rank and scattered back to the shards.
+    Plain weights take `torch.optim.Muon`'s own step.
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step; DTensor weights as the class says, plain ones as torch.optim.Muon."""
+        if not any(
+            hasattr(p, "device_mesh") for group in self.param_groups for p in group["params"]
+        ):
+            return super().step(closure)
+        from torch.distributed.tensor import distribute_tensor
+        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad, state = param.grad, self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                whole = update.full_tensor() if hasattr(update, "full_tensor") else update
+                whole = _zeropower_via_newtonschulz(
+                    whole, group["ns_coefficients"], group["ns_steps"], group["eps"]
+                )
+                if hasattr(param, "device_mesh"):
+                    whole = distribute_tensor(whole, param.device_mesh, param.placements)
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(whole, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
+        return loss
+
+
 def make_optimizer(
     params: list[nn.Parameter], settings: OptimSettings
 ) -> list[torch.optim.Optimizer]:
@@ -244,7 +289,7 @@ def make_optimizer(
     optimizers: list[torch.optim.Optimizer] = []
     if matrices:
         optimizers.append(
-            torch.optim.Muon(
+            Muon(
                 matrices,
                 lr=settings.lr,
                 momentum=0.95,

@@ -29,7 +29,14 @@ class Interrupted(Exception):
     """Stands for a kill after a saved state."""
 
 
-def _run(root: Path, out: str, parallel: str, grad_accum: int, interrupt_at: int | None = None):
+def _run(
+    root: Path,
+    out: str,
+    parallel: str,
+    grad_accum: int,
+    interrupt_at: int | None = None,
+    optimizer: str = "adamw",
+):
     """Train the saved model on the saved data (save every 2 steps, evaluate every step)."""
     import unlearn.training as training
 
@@ -62,10 +69,16 @@ def _run(root: Path, out: str, parallel: str, grad_accum: int, interrupt_at: int
 
 
 def parallel_worker(root: str, parallel: str) -> None:
-    """Each process: a straight run, an interrupted one and its resumption; final weights."""
+    """Each process: a straight run, an interrupted one and its resumption; final weights.
+
+    Under FSDP2 also a Muon run (whole-matrix orthogonalization of sharded weights).
+    """
     import torch.distributed as dist
 
     root_path, rank = Path(root), os.environ["RANK"]
+    if parallel == "fsdp":
+        muon = _run(root_path, "fsdp_muon", parallel, grad_accum=1, optimizer="muon")
+        torch.save(muon.model.state_dict(), root_path / f"fsdp_muon_rank{rank}.pt")
     result = _run(root_path, parallel, parallel, grad_accum=1)
     torch.save(
         {"weights": result.model.state_dict(), "type": type(result.model).__name__},
@@ -104,12 +117,14 @@ def single(tiny_lm, tmp_path_factory):
     forget = tokenize_documents(tokenizer, [{"text": t} for t in texts * 2], max_len=16)
     retain = tokenize_documents(tokenizer, [{"text": t[::-1]} for t in texts * 2], max_len=16)
     torch.save((forget, retain), root / "data.pt")
-    return root, _run(root, "single", "ddp", grad_accum=2)
+    reference = _run(root, "single", "ddp", grad_accum=2)
+    muon = _run(root, "single_muon", "ddp", grad_accum=2, optimizer="muon")
+    return root, reference, muon
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process_and_resume(parallel, single):
-    root, reference = single
+    root, reference, muon = single
     port = _free_port()
     code = (
         "import sys; from tests.unlearn.test_parallel import parallel_worker; "
@@ -164,6 +179,14 @@ def test_two_ranks_match_one_process_and_resume(parallel, single):
         torch.testing.assert_close(final["weights"], expected, rtol=1e-5, atol=1e-6)
         resumed = torch.load(root / f"{parallel}_resumed_rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(resumed, expected, rtol=1e-5, atol=1e-6)
+        if parallel == "fsdp":
+            sharded_muon = torch.load(root / f"fsdp_muon_rank{rank}.pt", weights_only=True)
+            torch.testing.assert_close(sharded_muon, muon.model.state_dict(), rtol=1e-4, atol=1e-5)
+    if parallel == "fsdp":
+        got, want = _records(root / "fsdp_muon"), _records(root / "single_muon")
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            assert g == pytest.approx(w, rel=1e-4, abs=1e-6)
 
 
 def test_what_the_parallel_strategies_refuse_is_said_before_anything_runs():
