@@ -47,6 +47,7 @@ from unlearn.methods import Context, Plan, Registration
 from unlearn.models import LoadedModel, load_model, model_key
 from unlearn.plots import plot_training
 from unlearn.provenance import write_run_info
+from unlearn.ranks import is_main_process, rank_zero_first
 from unlearn.runs import check_choices, claim_run_dir
 from unlearn.selection import (
     MASK_FILE,
@@ -440,6 +441,42 @@ def run_method(
     )
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
+    # torchrun: rank 0 prepares first (caches, a lens, token masks), the others then find them.
+    with rank_zero_first():
+        setup, plan, masks = _prepare(
+            method, method_cfg, model_cfg, data_cfg, train_cfg, out, run_key, config
+        )
+    model, tokenizer = setup.loaded.hf_model, setup.loaded.tokenizer
+    torch.manual_seed(train_cfg.seed)
+    headline, evaluator = data_cfg.eval_template, data_cfg.evaluator
+    before = {
+        **evaluate(model, tokenizer, setup.items, headline, evaluator),
+        **report(model, tokenizer, setup, evaluator),
+    }
+    trained = _train_phases(
+        model, plan, setup, data_cfg, train_cfg, out, run_key["key"], method, masks
+    )
+    after = {
+        **evaluate(trained[-1].model, tokenizer, setup.items, headline, evaluator),
+        **report(trained[-1].model, tokenizer, setup, evaluator),
+    }
+    with rank_zero_first():
+        if is_main_process():
+            return _write_outputs(out, method.name, plan, trained, tokenizer, before, after)
+    return {**json.loads((out / "results.json").read_text()), **plan.info}
+
+
+def _prepare(
+    method: Registration,
+    method_cfg: Any,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    train_cfg: TrainingConfig,
+    out: Path,
+    run_key: dict[str, Any],
+    config: dict[str, Any],
+) -> tuple[Setup, Plan, list[list[bool]] | None]:
+    """Load the model and data, select the forget tokens, build the plan, write run_info.json."""
     torch.manual_seed(train_cfg.seed)
     setup = load_setup(model_cfg, data_cfg)
     model, tokenizer = setup.loaded.hf_model.float(), setup.loaded.tokenizer
@@ -461,20 +498,7 @@ def run_method(
     )
     plan = method.build(method_cfg, context)
     write_run_info(out, {**config, **plan.info, **mask_info, "defaults_tuned_on_dev": method.tuned})
-    torch.manual_seed(train_cfg.seed)
-    headline, evaluator = data_cfg.eval_template, data_cfg.evaluator
-    before = {
-        **evaluate(model, tokenizer, setup.items, headline, evaluator),
-        **report(model, tokenizer, setup, evaluator),
-    }
-    trained = _train_phases(
-        model, plan, setup, data_cfg, train_cfg, out, run_key["key"], method, masks
-    )
-    after = {
-        **evaluate(trained[-1].model, tokenizer, setup.items, headline, evaluator),
-        **report(trained[-1].model, tokenizer, setup, evaluator),
-    }
-    return _write_outputs(out, method.name, plan, trained, tokenizer, before, after)
+    return setup, plan, masks
 
 
 def _warn_if_untuned(method: Registration) -> None:

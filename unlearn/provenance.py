@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from unlearn.ranks import is_main_process
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = _PACKAGE_DIR.parent
 """The repository root (the checkout this package runs from); recorded paths are relative to it."""
@@ -110,9 +112,11 @@ def write_run_info(
     """Write the config, git SHA, machine, command line and time to `out_dir/name`.
 
     Absolute paths anywhere in it (config, command line, `extra`) are written portable
-    (`portable_paths`).
+    (`portable_paths`). Under torchrun only rank 0 writes (`unlearn.ranks`).
     """
     path = Path(out_dir) / name
+    if not is_main_process():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     info = {
         "config": config,

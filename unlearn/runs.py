@@ -33,6 +33,7 @@ import yaml
 
 from unlearn.keys import key_difference, result_key
 from unlearn.provenance import portable_paths
+from unlearn.ranks import is_main_process, rank_zero_first
 
 RUN_KEY_FILE = "run_key.json"
 """The key of the run a folder holds."""
@@ -170,15 +171,22 @@ def claim_run_dir(
         RunMismatchError: `out` holds another run, or files of no keyed run, and not
             `overwrite`; or `overwrite` of a folder that is not a run folder.
     """
-    out = Path(out).expanduser()
-    current = run_key(recipe, config, inputs)
+    with rank_zero_first():  # torchrun: rank 0 claims the folder, the others then find it
+        return _claim(Path(out).expanduser(), run_key(recipe, config, inputs), overwrite)
+
+
+def _claim(out: Path, current: dict[str, Any], overwrite: bool) -> dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise RunMismatchError(f"--out {out} is a file, not a folder: choose another --out")
     stored = _read_key(out / RUN_KEY_FILE)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if entries and overwrite:
+    if entries and overwrite and is_main_process():
         _clear(out, entries, stored)
-    elif entries and (stored is None or stored.get("key") != current["key"]):
+    elif (
+        entries
+        and (stored is None or stored.get("key") != current["key"])
+        and (is_main_process() or not overwrite)
+    ):
         raise RunMismatchError(
             f"{out} holds another run ({_reasons(stored, current, entries)}), so this run would "
             "mix with it. Rerun the command that made it to resume it, pass a new --out, or pass "

@@ -42,6 +42,7 @@ from unlearn.eval import encode_credit, reporting
 from unlearn.lm_eval_scoring import evaluate_with
 from unlearn.losses import next_token_nll_loss
 from unlearn.methods.base import CONSTANT, FORGET, TRAINABLE, Term
+from unlearn.ranks import is_main_process
 from unlearn.training import train
 
 RESULTS_FILE = "tamper_results.json"
@@ -320,8 +321,10 @@ def write_results(
     settings: AttackSettings,
     **extra: Any,
 ) -> Path:
-    """Write `{"settings", "records", **extra}` as JSON."""
+    """Write `{"settings", "records", **extra}` as JSON (under torchrun: rank 0 writes)."""
     path = Path(path)
+    if not is_main_process():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"settings": asdict(settings), "records": list(records), **extra}
     path.write_text(json.dumps(payload, indent=2) + "\n")

@@ -39,6 +39,7 @@ from unlearn.keys import content_key, result_key, settings_key
 from unlearn.models import load_model
 from unlearn.plots import plot_recovery
 from unlearn.provenance import resolve_path
+from unlearn.ranks import is_main_process, rank_zero_first
 from unlearn.tamper import (
     RESULTS_FILE,
     AttackSettings,
@@ -120,6 +121,11 @@ def prepare_keyed(
         owned: The entries of `out` that the keyed results consist of (deleted on a mismatch);
             None: the whole directory is theirs.
     """
+    with rank_zero_first():  # torchrun: rank 0 prepares the folder, the others then find it
+        return _prepare(out, key, done, owned)
+
+
+def _prepare(out: Path, key: dict[str, Any], done: str, owned: Sequence[str] | None) -> bool:
     key_file = out / "key.json"
     if key_file.exists() and json.loads(key_file.read_text()).get("key") == key["key"]:
         return (out / done).exists()
@@ -295,16 +301,18 @@ def attack_report(
         )
     ceiling, floor = control_curves.get(UNFILTERED), control_curves.get(FILTERED)
     summary = summarize(records, ceiling, floor, ceiling[0]["retain_acc"] if ceiling else None)
-    write_results(
-        out / RESULTS_FILE,
-        records,
-        settings,
-        label=label,
-        controls=control_curves,
-        summary=summary,
-        original_forget_acc=ceiling[0]["forget_acc"] if ceiling else None,
-    )
-    plot_results([out / RESULTS_FILE], out / PLOT_FILE)
+    with rank_zero_first():  # torchrun: rank 0 writes, the others then read
+        write_results(
+            out / RESULTS_FILE,
+            records,
+            settings,
+            label=label,
+            controls=control_curves,
+            summary=summary,
+            original_forget_acc=ceiling[0]["forget_acc"] if ceiling else None,
+        )
+        if is_main_process():
+            plot_results([out / RESULTS_FILE], out / PLOT_FILE)
     return read_results(out / RESULTS_FILE)
 
 

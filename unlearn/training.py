@@ -67,6 +67,7 @@ from unlearn.methods.base import (
     Method,
     extra_models,
 )
+from unlearn.ranks import distributed_context
 from unlearn.train_state import (
     STATE_FILE,
     Progress,
@@ -194,17 +195,6 @@ def block_lora(
             f"{list(patterns or [])}; pass other parameter patterns or --lora_targets"
         )
     return replace(lora, lora_targets=full)
-
-
-def distributed_context() -> tuple[int, int]:
-    """(rank, world size), initializing the process group under torchrun if needed."""
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        if not dist.is_initialized():
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:

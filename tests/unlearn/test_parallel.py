@@ -6,6 +6,7 @@ micro-batches over the same global batch; a run interrupted after a saved state 
 same result; the model returned is a plain module with the full weights on every rank.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -98,8 +99,6 @@ def _free_port() -> int:
 
 
 def _records(out_dir: Path) -> list[dict]:
-    import json
-
     return [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines()]
 
 
@@ -196,3 +195,62 @@ def test_what_the_parallel_strategies_refuse_is_said_before_anything_runs():
     check_parallel(OptimSettings(parallel="ddp"), LoraSettings(8), 2)
     with pytest.raises(ValueError, match="--sam_rho"):
         check_parallel(OptimSettings(sam_rho=0.1), None, 2)
+
+
+def _recipe(args: list[str], nproc: int, env: dict[str, str]) -> None:
+    """Run a recipe in one process, or under torchrun with `nproc` gloo processes."""
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+         f"--master_port={_free_port()}", "-m"]
+        if nproc > 1
+        else [sys.executable, "-m"]
+    )  # fmt: skip
+    done = subprocess.run(
+        [*launcher, *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_the_recipes_under_torchrun_match_one_process(tiny_home, tmp_path):
+    """`torchrun -m recipes.circuit_breakers` (a frozen companion) and `-m recipes.tamper` on 2
+    gloo processes, under DDP and FSDP2, log the same losses and accuracies as one process with
+    the same global batch (2 micro-batches); rank 0 alone writes the outputs."""
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    common = ["--world_preset", "tiny", "--num_steps", "3", "--batch_size", "4",
+              "--warmup_steps", "0", "--eval_every", "0"]  # fmt: skip
+    runs = {
+        "single": (1, ["--grad_accum", "2"]),
+        "ddp": (2, []),
+        "fsdp": (2, ["--parallel", "fsdp"]),
+    }
+    for label, (nproc, extra) in runs.items():
+        unlearned = tmp_path / f"cb_{label}"
+        _recipe(["recipes.circuit_breakers", *common, *extra, "--out", str(unlearned)], nproc, env)
+        attack = ["--model", str(unlearned), "--early_evals", "2", "--nocontrols"]
+        attack += ["--out", str(tmp_path / f"tamper_{label}")]
+        _recipe(["recipes.tamper", *common, *attack, *extra], nproc, env)
+
+    def losses(label):
+        unlearning = [r for r in _records(tmp_path / f"cb_{label}") if "loss/total" in r]
+        tamper = json.loads((tmp_path / f"tamper_{label}" / "tamper_results.json").read_text())
+        results = json.loads((tmp_path / f"cb_{label}" / "results.json").read_text())
+        return (
+            [r["loss/total"] for r in unlearning],
+            results["forget_acc"],
+            [(r["step"], r["forget_acc"], r["retain_acc"], r["loss"]) for r in tamper["records"]],
+        )
+
+    reference = losses("single")
+    assert len(reference[0]) == 3 and [r[0] for r in reference[2]] == [0, 2, 3]
+    for label in ("ddp", "fsdp"):
+        got = losses(label)
+        assert got[0] == pytest.approx(reference[0], rel=1e-5)
+        assert got[1] == reference[1]
+        for g, w in zip(got[2], reference[2], strict=True):
+            assert g[:3] == w[:3] and (g[3] is None) == (w[3] is None)
+            assert g[3] is None or g[3] == pytest.approx(w[3], rel=1e-5)
