@@ -100,6 +100,9 @@ class Config:
     grid: list[str] = field(default_factory=list)
     """Further settings to sweep with the learning rates, each "name=v1,v2,..." (a flag of the
     methods' recipes; the cross product of all is run)."""
+    lrs: list[float] = field(default_factory=list)
+    """Learning rates to sweep instead of each method's `lr_grid` (e.g. a refinement between two
+    rates of an earlier sweep); empty: `lr_grid`."""
     out: str | None = None
     """Where the runs go (default: $UNLEARN_HOME/tune_dev/<preset>)."""
     results: str = "benchmarks/results"
@@ -119,6 +122,8 @@ class Config:
         suite(self.suite)
         for method in self.methods:
             grid_values(self.grid, method)
+        if any(not (lr > 0) for lr in self.lrs):
+            raise ValueError(f"--lrs must be positive, got {self.lrs}")
 
 
 def default_lr(name: str) -> float:
@@ -148,15 +153,20 @@ def grid_values(grid: list[str], method: str) -> dict[str, list[str]]:
     return values
 
 
-def candidates_of(method: str, grid: list[str]) -> list[tuple[str, float, dict[str, str]]]:
-    """(label, lr, further settings) of every setting swept for `method`."""
+def candidates_of(
+    method: str, grid: list[str], lrs: list[float] | tuple[float, ...] = ()
+) -> list[tuple[str, float, dict[str, str]]]:
+    """(label, lr, further settings) of every setting swept for `method`.
+
+    At `lrs`, or at its `lr_grid` when none are given.
+    """
     values = grid_values(grid, method)
     combos = [
         dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values())
     ]
     return [
         (",".join([f"{lr:g}", *(f"{k}={v}" for k, v in extra.items())]), lr, extra)
-        for lr in lr_grid(method)
+        for lr in (lrs or lr_grid(method))
         for extra in combos
     ]
 
@@ -252,7 +262,7 @@ def main(cfg: Config) -> dict[str, Any]:
     for method in cfg.methods:
         base = previous_lr(method)
         candidates: dict[str, dict[str, Any]] = {}
-        for label, lr, extra in candidates_of(method, cfg.grid):
+        for label, lr, extra in candidates_of(method, cfg.grid, cfg.lrs):
             run_dir = out / method / f"lr{label}"
             flags = [item for name, value in extra.items() for item in (f"--{name}", value)]
             run, _ = run_keyed(

@@ -107,6 +107,9 @@ def test_grid_entries_are_checked_and_crossed_with_the_learning_rates():
         with pytest.raises(ValueError, match="--grid"):
             grid_values(bad, "simnpo")
     assert same_setting(0.1, "0.1") and same_setting(True, "true") and not same_setting(0.1, "0.5")
+    refined = candidates_of("simnpo", ["beta=0.1"], [5e-4, 7e-4])  # --lrs replaces lr_grid
+    assert [(label, lr) for label, lr, _ in refined] == [("0.0005,beta=0.1", 5e-4),
+                                                         ("0.0007,beta=0.1", 7e-4)]  # fmt: skip
 
 
 def test_a_grid_sweep_on_the_tiny_world_records_and_chooses_among_every_setting(
