@@ -49,9 +49,9 @@ def test_the_learning_rate_is_chosen_on_dev_by_retain_then_forget_then_the_lower
 
 
 def test_the_lr_grid_is_parsed_per_method_and_checked():
-    cfg = real_model.Config(lr_grid=["lens_unlearn=1e-5,3e-5"])
-    assert cfg.lrs() == {"lens_unlearn": [1e-5, 3e-5]}
-    for bad in ("lens_unlearn", "lens_unlearn=", "lens_unlearn=fast", "lens_unlearn=-1e-5"):
+    cfg = real_model.Config(lr_grid=["grad_diff=1e-5,3e-5"])
+    assert cfg.lrs() == {"grad_diff": [1e-5, 3e-5]}
+    for bad in ("grad_diff", "grad_diff=", "grad_diff=fast", "grad_diff=-1e-5"):
         with pytest.raises(ValueError, match="must look like"):
             real_model.Config(lr_grid=[bad])
     with pytest.raises(ValueError, match="not in --methods"):
