@@ -265,6 +265,10 @@ def markdown(info: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PYTHIA_LORA_R16 = 32 * 16 * ((4096 + 12288) + (4096 + 4096) + (4096 + 16384) + (16384 + 4096))
+"""Rank-16 adapters on every linear layer of Pythia-6.9B's 32 blocks: r (d_in + d_out) each."""
+
+
 def pythia_table() -> dict[str, dict[str, float]]:
     """The estimate for 6.9B at the settings docs/MEMORY.md and the README quote."""
     rows = {
@@ -273,7 +277,7 @@ def pythia_table() -> dict[str, dict[str, float]]:
         "8 x FSDP2, companion replicated": dict(world_size=8, parallel="fsdp"),
         "8 x FSDP2, companion sharded": dict(world_size=8, parallel="fsdp", shard_companions=True),
         "8 x DDP, LoRA r16 (no companion copy)": dict(
-            world_size=8, parallel="ddp", companions=0, lora_params=40_000_000
+            world_size=8, parallel="ddp", companions=0, lora_params=PYTHIA_LORA_R16
         ),
     }
     table = {}
