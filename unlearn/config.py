@@ -57,7 +57,8 @@ class OptimSettings:
     rank and all-reduces gradients bucket by bucket while the backward pass runs (PyTorch's DDP,
     as `torch.distributed._composable.replicate`); "fsdp" shards every block, then the root,
     across the ranks (FSDP2 `fully_shard`: weights gathered per block for each forward,
-    gradients reduce-scattered, optimizer state sharded), full fine-tuning only."""
+    gradients reduce-scattered, optimizer state sharded), full fine-tuning only. LoRA runs keep
+    the model on every rank and average the adapters' gradients after the backward pass."""
     shard_companions: bool = False
     """Under "fsdp", shard the frozen companions (the original model a method reads, and its
     further frozen models) across the ranks too, instead of a full copy on every rank."""

@@ -20,7 +20,9 @@
   pass runs; `replicate` with unused parameters allowed, since a step runs several traces of the
   model and some stop early) or FSDP2 (`fully_shard` on every block, then the root: weights,
   gradients and optimizer state sharded, saved as a sharded checkpoint, `_sharded`); either way
-  the model returned is a plain module holding the full trained weights on every rank;
+  the model returned is a plain module holding the full trained weights on every rank. LoRA runs
+  keep the model plain on every rank and average the adapters' gradients (a small share of the
+  weights) in one all-reduce after the backward pass;
 - metrics go to `metrics.jsonl` and a progress bar; `eval_fn` runs every `eval_every` steps;
 - the trainable parameters, optimizer, step and elapsed time are saved every `save_every` steps,
   with the settings that shape the run (steps, optimizer, LoRA, seed, batch size, the method's
@@ -352,7 +354,7 @@ def check_parallel(optim: OptimSettings, lora: LoraSettings | None, world_size: 
     """Refuse what the data-parallel strategies do not support, before anything runs.
 
     Raises:
-        ValueError: FSDP2 with LoRA, or a sharpness-aware step, on more than one rank.
+        ValueError: FSDP2 with LoRA, or a sharpness-aware full fine-tune, on more than one rank.
     """
     if world_size == 1:
         return
@@ -361,11 +363,11 @@ def check_parallel(optim: OptimSettings, lora: LoraSettings | None, world_size: 
             "--parallel fsdp shards full fine-tuning only; LoRA runs keep one copy of the frozen "
             "weights per rank: use --parallel ddp with --lora_rank"
         )
-    if optim.sam_rho > 0:
+    if optim.sam_rho > 0 and lora is None:
         raise ValueError(
             "--sam_rho takes its own gradient of the forget terms before the step's backward pass, "
             "which DDP's and FSDP2's gradient hooks do not allow; run sharpness-aware unlearning "
-            "in one process (--grad_accum for a larger batch)"
+            "in one process (--grad_accum for a larger batch) or with LoRA (--lora_rank)"
         )
 
 
@@ -409,12 +411,11 @@ def _per_block(model: nn.Module, wrap: Callable[[nn.Module], Any]) -> None:
 def _data_parallel(
     trainable: nn.Module, companions: Mapping[str, Any], optim: OptimSettings, device: torch.device
 ) -> None:
-    """Make `trainable` data-parallel in place (`OptimSettings.parallel`), and the companions.
+    """Make a fully fine-tuned `trainable` data-parallel in place, and the companions.
 
     "fsdp": FSDP2 `fully_shard`. "ddp": FSDP2's replicate (DDP on FSDP2's hooks, which register
     the gradient reduction in each unit's forward, so a trace stopped early still reduces the
-    gradients it made, unlike DDP's module wrapper); under LoRA only the root is replicated and
-    the frozen weights are left alone (the adapters are small; merging needs plain weights).
+    gradients it made, unlike DDP's module wrapper).
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -428,11 +429,7 @@ def _data_parallel(
         return
     from torch.distributed._composable.replicate_with_fsdp import replicate
 
-    frozen = {p for p in trainable.parameters() if not p.requires_grad}
-    if frozen:  # LoRA (or a phase training some blocks): one unit, frozen weights untouched
-        replicate(trainable, mesh=mesh, mp_policy=policy, ignored_params=frozen)
-    else:
-        _per_block(trainable, lambda m: replicate(m, mesh=mesh, mp_policy=policy))
+    _per_block(trainable, lambda m: replicate(m, mesh=mesh, mp_policy=policy))
 
 
 def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -456,15 +453,6 @@ def _clip_grads(grads: list[torch.Tensor], max_norm: float, norm: torch.Tensor) 
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     for g in _local(grads):
         g.mul_(coef.to(g.device, g.dtype))
-
-
-def _plain_parameters(model: nn.Module) -> None:
-    """Replace every DTensor parameter (replicated: each rank holds all of it) by a plain one."""
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is not None and hasattr(param, "to_local"):
-                plain = nn.Parameter(param.to_local().detach().clone(), param.requires_grad)
-                module._parameters[name] = plain
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -649,6 +637,8 @@ class _Run:
     device: torch.device
     trainable: nn.Module
     """The model, or its LoRA wrapper."""
+    wrapped: bool
+    """Whether `trainable` is data-parallel (DDP or FSDP2: torchrun and full fine-tuning)."""
     params: list[nn.Parameter]
     optimizers: list[torch.optim.Optimizer]
     step_fn: Callable
@@ -789,7 +779,15 @@ class _Run:
         return value
 
     def average_across_ranks(self, sums: dict[str, float]) -> dict[str, float]:
-        """Average the metrics over the ranks (DDP or FSDP2 averaged the gradients already)."""
+        """Average the metrics over the ranks, and the LoRA adapters' gradients (in place).
+
+        Under full fine-tuning DDP or FSDP2 averaged the gradients during the backward pass.
+        """
+        if not self.wrapped:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
         packed = torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(packed, op=dist.ReduceOp.AVG)
         return dict(zip(sums, packed.tolist(), strict=True))
@@ -842,7 +840,7 @@ class _Run:
             raise self.nonfinite("the weights or optimizer state became NaN or infinite", done - 1)
         self.elapsed = self.saved.elapsed_seconds + time.perf_counter() - self.segment_start
         progress = Progress(done, self.elapsed, self.skipped)
-        if self.world_size > 1:  # DTensor weights (sharded or replicated): a DCP checkpoint
+        if self.wrapped:  # DTensor weights (sharded or replicated): a DCP checkpoint
             _sharded.save(self.out, self.trainable, self.optimizers, self.settings, progress)
         elif self.rank == 0:
             _save_state(self.out, self.trainable, self.optimizers, self.settings, progress)
@@ -885,14 +883,17 @@ def _start_run(
     # Compiled before the models become data-parallel: the graph's frozen copies (a lens's final
     # norm and unembedding) are taken of plain modules; the wrapping happens in place.
     step_fn = StepGraph(list(method.nodes)).compile({TRAINABLE: trainable, **companions})
-    if world_size > 1:
+    # LoRA: the adapters (a small share of the weights) are all-reduced after the backward pass;
+    # the model stays plain, as merging the adapters needs.
+    wrapped = world_size > 1 and lora is None
+    if wrapped:
         _data_parallel(trainable, companions, optim, device)
     trainable.train()
     params = list(_trainable(trainable).values())
     optimizers = make_optimizer(params, optim)
     if not (out / STATE_FILE).exists():
         saved = Progress()
-    elif world_size > 1:
+    elif wrapped:
         saved = _sharded.load(out, trainable, optimizers, settings)
     else:
         saved = load_state(out, _trainable(trainable), optimizers, settings)
@@ -912,6 +913,7 @@ def _start_run(
         world_size=world_size,
         device=device,
         trainable=trainable,
+        wrapped=wrapped,
         params=params,
         optimizers=optimizers,
         step_fn=step_fn,
@@ -971,10 +973,8 @@ def _finish(run: _Run, lora: LoraSettings | None) -> TrainResult:
             stacklevel=3,
         )
     run.trainable.eval()
-    if run.world_size > 1 and lora is not None:
-        _plain_parameters(run.trainable)  # the replicated adapters; the wrapper is the peft root
     merged = run.trainable.merge_and_unload() if lora is not None else run.trainable
-    if run.world_size > 1 and lora is None:
+    if run.wrapped:
         merged = _unwrapped(merged)
     # The time up to the final state, as saved: a rerun of a finished run reports the same.
     return TrainResult(

@@ -192,7 +192,7 @@ def test_what_the_parallel_strategies_refuse_is_said_before_anything_runs():
     check_parallel(OptimSettings(parallel="fsdp", sam_rho=0.1), LoraSettings(8), 1)  # one process
     with pytest.raises(ValueError, match="--parallel ddp"):
         check_parallel(OptimSettings(parallel="fsdp"), LoraSettings(8), 2)
-    check_parallel(OptimSettings(parallel="ddp"), LoraSettings(8), 2)
+    check_parallel(OptimSettings(parallel="ddp", sam_rho=0.1), LoraSettings(8), 2)
     with pytest.raises(ValueError, match="--sam_rho"):
         check_parallel(OptimSettings(sam_rho=0.1), None, 2)
 
@@ -212,9 +212,10 @@ def _recipe(args: list[str], nproc: int, env: dict[str, str]) -> None:
 
 
 def test_the_recipes_under_torchrun_match_one_process(tiny_home, tmp_path):
-    """`torchrun -m recipes.circuit_breakers` (a frozen companion) and `-m recipes.tamper` on 2
-    gloo processes, under DDP and FSDP2, log the same losses and accuracies as one process with
-    the same global batch (2 micro-batches); rank 0 alone writes the outputs."""
+    """`torchrun -m recipes.circuit_breakers` (a frozen companion, sharded too under FSDP2) and
+    `-m recipes.tamper` on 2 gloo processes, under DDP and FSDP2, log the same losses and
+    accuracies as one process with the same global batch (2 micro-batches); rank 0 alone writes
+    the outputs."""
     env = {
         **os.environ,
         "CUDA_VISIBLE_DEVICES": "",
@@ -226,7 +227,7 @@ def test_the_recipes_under_torchrun_match_one_process(tiny_home, tmp_path):
     runs = {
         "single": (1, ["--grad_accum", "2"]),
         "ddp": (2, []),
-        "fsdp": (2, ["--parallel", "fsdp"]),
+        "fsdp": (2, ["--parallel", "fsdp", "--shard_companions", "true"]),
     }
     for label, (nproc, extra) in runs.items():
         unlearned = tmp_path / f"cb_{label}"
@@ -254,3 +255,36 @@ def test_the_recipes_under_torchrun_match_one_process(tiny_home, tmp_path):
         for g, w in zip(got[2], reference[2], strict=True):
             assert g[:3] == w[:3] and (g[3] is None) == (w[3] is None)
             assert g[3] is None or g[3] == pytest.approx(w[3], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "extra", "parallel"),
+    [("sequential", [], "fsdp"), ("circuit_breakers", ["--lora_rank", "4"], "ddp")],
+    ids=["sequential-fsdp", "lora-ddp"],
+)
+def test_routing_and_lora_under_torchrun_match_one_process(
+    recipe, extra, parallel, tiny_home, tmp_path
+):
+    """Sequential unlearning (phases training one block each, routed through the frozen original)
+    under FSDP2, and a LoRA run (adapters averaged after the backward pass, then merged) under
+    DDP, log the same losses and end with the same accuracy as one process."""
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    common = ["--world_preset", "tiny", "--num_steps", "3", "--batch_size", "4",
+              "--warmup_steps", "0", "--eval_every", "0", *extra]  # fmt: skip
+    single, ranks = tmp_path / "single", tmp_path / "ranks"
+    _recipe([f"recipes.{recipe}", *common, "--grad_accum", "2", "--out", str(single)], 1, env)
+    _recipe([f"recipes.{recipe}", *common, "--parallel", parallel, "--out", str(ranks)], 2, env)
+
+    def losses(out):
+        return [r["loss/total"] for r in _records(out) if "loss/total" in r]
+
+    assert len(losses(single)) >= 3
+    assert losses(ranks) == pytest.approx(losses(single), rel=1e-5)
+    after = [json.loads((out / "results.json").read_text()) for out in (single, ranks)]
+    assert after[0]["forget_acc"] == after[1]["forget_acc"]
+    assert after[0]["retain_acc"] == after[1]["retain_acc"]
