@@ -82,7 +82,7 @@ class Config:
     max_len: int = 64
     """Tokens per row (the world's documents are one or two sentences)."""
     lr_grid: list[str] = field(
-        default_factory=lambda: ["circuit_breakers=1e-4,3e-4", "grad_diff=1e-5,3e-5"]
+        default_factory=lambda: ["circuit_breakers=1e-4,3e-4", "grad_diff=5e-6,1e-5"]
     )
     """Learning rates swept on dev, one `method=lr1,lr2,...` entry per method (a method without
     one runs at its committed toy-world default alone, still checked by the rule)."""
