@@ -59,6 +59,11 @@ class OptimSettings:
     across the ranks (FSDP2 `fully_shard`: weights gathered per block for each forward,
     gradients reduce-scattered, optimizer state sharded), full fine-tuning only. LoRA runs keep
     the model on every rank and average the adapters' gradients after the backward pass."""
+    activation_checkpointing: bool = False
+    """Keep no activations inside the trained model's blocks for the backward pass: each block's
+    forward runs again during it (about one more forward pass of the model a step, for the
+    activations of one block at a time instead of all). A graph that writes into the trained
+    model refuses it (a recomputed block would not replay the write)."""
     shard_companions: bool = False
     """Under "fsdp", shard the frozen companions (the original model a method reads, and its
     further frozen models) across the ranks too, instead of a full copy on every rank."""

@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from interventions import FrozenView, StepGraph
+from interventions import FrozenView, StepGraph, Write
 from interventions.sites import describe_model, resolve_site
 from unlearn import train_state_sharded as _sharded
 from unlearn.config import LoraSettings, NonFinitePolicy, OptimSettings
@@ -430,6 +430,24 @@ def _data_parallel(
     from torch.distributed._composable.replicate_with_fsdp import replicate
 
     _per_block(trainable, lambda m: replicate(m, mesh=mesh, mp_policy=policy))
+
+
+def _checkpoint_blocks(model: nn.Module, method: Method) -> None:
+    """Recompute every block of `model` in the backward pass (`activation_checkpointing`).
+
+    Raises:
+        ValueError: The method writes into the trained model.
+    """
+    from torch.distributed._composable import checkpoint
+
+    writes = [n for n in method.nodes if isinstance(n, Write) and n.model == TRAINABLE]
+    if writes:
+        raise ValueError(
+            f"{type(method).__name__} writes into the trained model ({writes[0].site}), which a "
+            "recomputed block would not replay: run it without --activation_checkpointing"
+        )
+    for layer in range(describe_model(model).n_layers):
+        checkpoint(model.get_submodule(block_path(model, layer)))
 
 
 def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -883,6 +901,8 @@ def _start_run(
     # Compiled before the models become data-parallel: the graph's frozen copies (a lens's final
     # norm and unembedding) are taken of plain modules; the wrapping happens in place.
     step_fn = StepGraph(list(method.nodes)).compile({TRAINABLE: trainable, **companions})
+    if optim.activation_checkpointing:
+        _checkpoint_blocks(trainable, method)
     # LoRA: the adapters (a small share of the weights) are all-reduced after the backward pass;
     # the model stays plain, as merging the adapters needs.
     wrapped = world_size > 1 and lora is None

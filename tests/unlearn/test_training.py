@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from interventions import Read
+from interventions import Read, Write
 from tests.conftest import TINY_TEXTS
 from unlearn.config import replace_flat
 from unlearn.data import PairedBatches, TokenizedDocuments, tokenize_documents
@@ -585,4 +585,62 @@ def test_parameter_patterns_that_match_nothing_are_a_clear_error(tiny_lm, data, 
             batches,
             out_dir=tmp_path / "norms",
             lora=LoraSettings(lora_rank=4),
+        )
+
+
+# --- activation checkpointing ------------------------------------------------------------------
+
+
+def test_activation_checkpointing_recomputes_blocks_to_the_same_losses_and_weights(
+    tiny_lm, data, tmp_path, monkeypatch
+):
+    """With `activation_checkpointing` every block's forward runs again in the backward pass (its
+    MLP's forward calls counted), and the run logs the same losses and gradient norms and ends
+    with the same weights as without it; a method writing into the trained model refuses it."""
+    model, _ = tiny_lm
+    calls, results = {}, {}
+    mlp = type(model.gpt_neox.layers[0].mlp)
+    forward = mlp.forward
+    for flag in (False, True):
+        fresh = copy.deepcopy(model)
+        count = []
+
+        def counted(self, *args, count=count, **kwargs):
+            count.append(1)
+            return forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(mlp, "forward", counted)
+        results[flag] = train(
+            fresh,
+            _method(),
+            PairedBatches(*data, batch_size=2),
+            num_steps=2,
+            out_dir=tmp_path / str(flag),
+            optim=OptimSettings(lr=1e-2, warmup_steps=0, activation_checkpointing=flag),
+        )
+        calls[flag] = len(count)
+        monkeypatch.setattr(mlp, "forward", forward)
+    assert calls[True] > calls[False] > 0
+    for got, want in zip(
+        _train_records(tmp_path / "True"), _train_records(tmp_path / "False"), strict=True
+    ):
+        assert got == pytest.approx(want, rel=1e-6)
+    torch.testing.assert_close(_params(results[True].model), _params(results[False].model))
+    _assert_moved(results[True].model, model)
+
+    writing = Stacked(
+        nodes=(
+            *_method().nodes,
+            Write("blocks.0.hook_resid_post", mode="add", value=0.0, model=TRAINABLE, batch=FORGET),
+        ),
+        terms=_method().terms,
+    )
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        train(
+            copy.deepcopy(model),
+            writing,
+            PairedBatches(*data, batch_size=2),
+            num_steps=1,
+            out_dir=tmp_path / "writes",
+            optim=OptimSettings(activation_checkpointing=True),
         )
