@@ -15,8 +15,10 @@ Each method's learning rate is chosen on the **dev** countries first (`--lr_grid
 of a method's entry is run; the rule: retain at least 90% of the original's, then the lowest dev
 forget accuracy, then the lower rate); only the chosen run is attacked and scored on test.
 
-The CPU default is the subset `full_lr1e-3` of the suite: its strongest attack (on the default toy
-world's leaderboard it gives the worst case over the suite for most rows), 100 steps. On a GPU,
+The CPU default is the subset `full_lr1e-4 full_lr1e-3` of the suite, 50 steps: lr 1e-3 is its
+strongest attack on the default toy world (the worst case over the suite for most leaderboard
+rows), but a full fine-tune of SmolLM2 at lr 1e-3 lowers forget and retain accuracy alike (it
+breaks the model rather than restoring the facts), so lr 1e-4 runs too. On a GPU,
 `--attacks full_lr1e-4 full_lr3e-4 full_lr1e-3 lora_lr1e-3 --attack_steps 300` runs the whole
 suite. Runs and attacks are keyed (settings, world, model and code version) under `--out` and
 reused, so a killed run resumes.
@@ -88,8 +90,9 @@ class Config:
     one runs at its committed toy-world default alone, still checked by the rule)."""
     unlearn_args: str = ""
     """Further flags for every method's recipe, as one string."""
-    attacks: list[str] = field(default_factory=lambda: ["full_lr1e-3"])
-    """Attacks of the `default` suite to run (CPU default: its strongest)."""
+    attacks: list[str] = field(default_factory=lambda: ["full_lr1e-4", "full_lr1e-3"])
+    """Attacks of the `default` suite to run (CPU default: its strongest on the toy world, lr
+    1e-3, which on SmolLM2 lowers forget and retain accuracy alike, and lr 1e-4)."""
     attack_steps: int = 50
     """Steps of every attack."""
     attack_batch_size: int = 8
