@@ -113,6 +113,10 @@ class Config:
     """Where real_model.{json,md,png} go."""
     device: str = field(default_factory=lambda: ModelConfig().device)
     """Device."""
+    assemble: bool = False
+    """Write the results from the runs and attacks already under `--out` (every one the settings
+    name must be finished) without re-keying them: for results whose runs were made by more
+    than one code version; each run's and attack's code version is recorded with its numbers."""
 
     def __post_init__(self) -> None:
         """Check the settings before anything loads.
@@ -305,6 +309,72 @@ def worst_case(attacks: dict[str, Any]) -> list[dict[str, float]]:
     ]
 
 
+def _code(key_file: Path) -> str:
+    """The code version a keyed run or attack recorded."""
+    return json.loads(key_file.read_text())["code"]
+
+
+def assembled_runs(cfg: Config, out: Path) -> dict[str, Any]:
+    """`unlearn_all`'s result from the finished runs under `out`, chosen on dev the same way.
+
+    Raises:
+        FileNotFoundError: A run of the grid is missing or unfinished.
+    """
+    runs = {}
+    grid = cfg.lrs()
+    for name in cfg.methods:
+        candidates, made = {}, {}
+        for lr in grid.get(name, [None]):
+            run_dir = out / name / ("default" if lr is None else f"lr{lr:g}") / "run"
+            if not (run_dir / "results.json").exists():
+                raise FileNotFoundError(f"{run_dir} is not a finished run; run without --assemble")
+            results = json.loads((run_dir / "results.json").read_text())
+            candidates[lr] = {
+                "forget_dev": results["forget_dev_acc"],
+                "retain": results["retain_acc"],
+                "retain_before": results["retain_acc_before"],
+                "code": _code(run_dir / "run_key.json"),
+            }
+            made[lr] = (run_dir, results)
+        lr = choose_lr(candidates)
+        run_dir, results = made[lr]
+        runs[name] = {
+            "model": run_dir / "model",
+            "results": results,
+            "seconds_per_step": results["train_seconds"] / cfg.unlearn_steps,
+            "lr": lr,
+            "dev_sweep": [{"lr": k, **v} for k, v in candidates.items()],
+        }
+    return runs
+
+
+def assembled_attacks(cfg: Config, label: str, out: Path) -> dict[str, Any]:
+    """`attack_all`'s result from the finished attacks under `out`.
+
+    Raises:
+        FileNotFoundError: An attack is missing or unfinished.
+    """
+    attacks: dict[str, Any] = {}
+    for name in suite("default", cfg.attack_steps, seed=cfg.seed):
+        if name not in cfg.attacks:
+            continue
+        attack_dir = out / label / name
+        if not (attack_dir / "tamper_results.json").exists():
+            raise FileNotFoundError(
+                f"{attack_dir} is not a finished attack; run without --assemble"
+            )
+        records = json.loads((attack_dir / "tamper_results.json").read_text())["records"]
+        if records[-1]["step"] != cfg.attack_steps:
+            raise ValueError(f"{attack_dir} ran {records[-1]['step']} steps, not --attack_steps")
+        seconds = json.loads((attack_dir / "seconds.json").read_text())["seconds"]
+        attacks[name] = {
+            "records": [{k: r[k] for k in ("step", "forget_acc", "retain_acc")} for r in records],
+            "seconds_per_step": seconds / cfg.attack_steps,
+            "code": _code(attack_dir / "key.json"),
+        }
+    return attacks
+
+
 def main(cfg: Config) -> dict[str, Any]:
     """Build the world, unlearn, attack, and write the results."""
     start = time.perf_counter()
@@ -318,7 +388,11 @@ def main(cfg: Config) -> dict[str, Any]:
     inputs = {"world": content_key(world.root / "config.json")}
     items = scored_items(world.items_dir, out)
     flags = ["--forget_data", str(world.forget_data), "--retain_data", str(world.retain_data)]
-    runs = unlearn_all(cfg, [*flags, "--eval_items", str(items)], out, inputs)
+    runs = (
+        assembled_runs(cfg, out)
+        if cfg.assemble
+        else unlearn_all(cfg, [*flags, "--eval_items", str(items)], out, inputs)
+    )
     data = DataConfig(
         forget_data=str(world.forget_data),
         retain_data=str(world.retain_data),
@@ -327,7 +401,11 @@ def main(cfg: Config) -> dict[str, Any]:
     )
     rows: dict[str, Any] = {}
     for label, weights in [(ORIGINAL, None), *((n, r["model"]) for n, r in runs.items())]:
-        attacks = attack_all(cfg, data, label, weights, out / "attacks")
+        attacks = (
+            assembled_attacks(cfg, label, out / "attacks")
+            if cfg.assemble
+            else attack_all(cfg, data, label, weights, out / "attacks")
+        )
         before = next(iter(attacks.values()))["records"][0]
         rows[label] = {
             "forget_test": before["forget_acc"],
@@ -391,6 +469,23 @@ def real_model_table(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _assembled_note(payload: dict[str, Any]) -> str:
+    """For `--assemble`: which code versions made the runs and attacks."""
+    if not payload["config"].get("assemble"):
+        return ""
+    versions: dict[str, list[str]] = {}
+    for label, row in payload["rows"].items():
+        for entry in row.get("dev_sweep") or []:
+            versions.setdefault(entry["code"], []).append(f"{label} lr {entry['lr']:g}")
+        for name, attack in row["attacks"].items():
+            versions.setdefault(attack["code"], []).append(f"{label} {name}")
+    listed = "; ".join(f"{code}: {', '.join(made)}" for code, made in versions.items())
+    return (
+        "\nAssembled (`--assemble`) from runs and attacks made by these code versions (the "
+        f"library's version and the hash of its files; `unlearn.keys.code_version`): {listed}.\n"
+    )
+
+
 def real_model_markdown(payload: dict[str, Any]) -> str:
     """real_model.md: provenance, what the columns mean, the table and each curve."""
     cfg, mach = payload["config"], payload["machine"]
@@ -418,6 +513,7 @@ def real_model_markdown(payload: dict[str, Any]) -> str:
         "Under attack: the worst case over the attacks at each evaluated step (highest forget, "
         "lowest retain), then its maximum (forget) and minimum (retain) over the steps.\n\n"
         + real_model_table(payload)
+        + _assembled_note(payload)
         + "\nWorst case per evaluated step (step: forget/retain, %):\n"
         + curves
     )

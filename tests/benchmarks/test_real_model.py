@@ -3,6 +3,8 @@
 (The run itself needs SmolLM2 and minutes per step; `python -m benchmarks.real_model` with the
 smoke-test flags of its docstring exercises it end to end.)"""
 
+import json
+
 import pytest
 
 from benchmarks import real_model
@@ -74,3 +76,34 @@ def test_the_runs_score_the_dev_test_and_retain_items_only(tmp_path):
     (items / "retain.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="retain"):
         real_model.scored_items(items, tmp_path / "elsewhere")
+
+
+def test_assembling_reads_finished_runs_and_attacks_with_their_code_versions(tmp_path):
+    cfg = real_model.Config(lr_grid=["grad_diff=1e-5,3e-5"], methods=["grad_diff"],
+                            attacks=["full_lr1e-3"], attack_steps=2, unlearn_steps=4)  # fmt: skip
+    for lr, (forget, retain) in {"1e-05": (0.5, 0.7), "3e-05": (0.3, 0.5)}.items():
+        run = tmp_path / "grad_diff" / f"lr{lr}" / "run"
+        run.mkdir(parents=True)
+        (run / "run_key.json").write_text(json.dumps({"code": f"v-{lr}"}))
+        (run / "results.json").write_text(json.dumps({
+            "forget_dev_acc": forget, "retain_acc": retain, "retain_acc_before": 0.7,
+            "train_seconds": 8.0,
+        }))  # fmt: skip
+    runs = real_model.assembled_runs(cfg, tmp_path)
+    assert runs["grad_diff"]["lr"] == 1e-5  # 3e-5 keeps 0.5 < 0.9 * 0.7 of retain
+    assert runs["grad_diff"]["seconds_per_step"] == 2.0
+    assert [e["code"] for e in runs["grad_diff"]["dev_sweep"]] == ["v-1e-05", "v-3e-05"]
+    with pytest.raises(FileNotFoundError, match="not a finished attack"):
+        real_model.assembled_attacks(cfg, "original", tmp_path / "attacks")
+    attack = tmp_path / "attacks" / "original" / "full_lr1e-3"
+    attack.mkdir(parents=True)
+    records = [{"step": s, "forget_acc": 0.5, "retain_acc": 0.6, "loss": 1.0} for s in (0, 2)]
+    (attack / "tamper_results.json").write_text(json.dumps({"records": records}))
+    (attack / "key.json").write_text(json.dumps({"code": "v-attack"}))
+    (attack / "seconds.json").write_text(json.dumps({"seconds": 6.0}))
+    got = real_model.assembled_attacks(cfg, "original", tmp_path / "attacks")
+    assert got["full_lr1e-3"]["seconds_per_step"] == 3.0
+    assert got["full_lr1e-3"]["code"] == "v-attack" and len(got["full_lr1e-3"]["records"]) == 2
+    (tmp_path / "grad_diff" / "lr3e-05" / "run" / "results.json").unlink()
+    with pytest.raises(FileNotFoundError, match="not a finished run"):
+        real_model.assembled_runs(cfg, tmp_path)
