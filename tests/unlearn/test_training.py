@@ -599,10 +599,13 @@ def test_activation_checkpointing_recomputes_blocks_to_the_same_losses_and_weigh
     with the same weights as without it; a method writing into the trained model refuses it."""
     model, _ = tiny_lm
     calls, results = {}, {}
-    mlp = type(model.gpt_neox.layers[0].mlp)
+    mlp = type(type(model)(model.config).gpt_neox.layers[0].mlp)  # the class, as constructed
     forward = mlp.forward
     for flag in (False, True):
-        fresh = copy.deepcopy(model)
+        # A fresh module, not a copy of the fixture: another test's nnsight wrapping may have left
+        # its own forward on the fixture's modules, which the class-level count would miss.
+        fresh = type(model)(model.config)
+        fresh.load_state_dict(model.state_dict())
         count = []
 
         def counted(self, *args, count=count, **kwargs):
