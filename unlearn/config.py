@@ -54,11 +54,12 @@ class OptimSettings:
     one more backward pass of the forget terms per micro-batch (`unlearn.training`)."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """How `torchrun` ranks share a run (ignored in one process): "ddp" keeps the model on every
-    rank and all-reduces gradients bucket by bucket while the backward pass runs (PyTorch's DDP,
-    as `torch.distributed._composable.replicate`); "fsdp" shards every block, then the root,
-    across the ranks (FSDP2 `fully_shard`: weights gathered per block for each forward,
-    gradients reduce-scattered, optimizer state sharded), full fine-tuning only. LoRA runs keep
-    the model on every rank and average the adapters' gradients after the backward pass."""
+    rank and all-reduces gradients block by block while the backward pass runs (DDP on FSDP2's
+    hooks, `torch.distributed._composable.replicate_with_fsdp`); "fsdp" shards every block,
+    then the root, across the ranks (FSDP2 `fully_shard`: weights gathered per block for each
+    forward, gradients reduce-scattered, optimizer state sharded), full fine-tuning only. LoRA
+    runs keep the model on every rank and average the adapters' gradients after the backward
+    pass."""
     activation_checkpointing: bool = False
     """Keep no activations inside the trained model's blocks for the backward pass: each block's
     forward runs again during it (about one more forward pass of the model a step, for the
