@@ -90,7 +90,7 @@ def _storages(model: nn.Module) -> dict[int, int]:
     return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
 
 
-def _peak_allocated(prof: Any) -> int:
+def peak_allocated(prof: Any) -> int:
     """Peak of the running sum of the CPU allocations and frees the profiler recorded."""
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     total = peak = 0
@@ -148,7 +148,7 @@ def run_way(way: str, model: nn.Module, phases: list, batches: PairedBatches, cf
         "way": way,
         "model_bytes": {name: sum(s.values()) for name, s in storages.items()},
         "step_graph_unique_bytes": sum(unique.values()),
-        "peak_allocated_bytes": _peak_allocated(prof),
+        "peak_allocated_bytes": peak_allocated(prof),
         "seconds_per_step": round(seconds / cfg.num_steps, 3),
     }
 

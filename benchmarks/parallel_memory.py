@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from simple_parsing import parse
 
+from benchmarks.lora_memory import peak_allocated
 from unlearn.memory import MIB, PYTHIA_6_9B, ModelShape, estimate
 from unlearn.provenance import git_sha, machine
 
@@ -65,18 +66,6 @@ class Config:
     """(internal) The worker's strategy."""
     shard_companions: bool = False
     """(internal) The worker's companion sharding."""
-
-
-def _peak_allocated(prof: Any) -> int:
-    from torch.autograd import DeviceType
-
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    total = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        if event.device_type() == DeviceType.CPU:
-            total += event.nbytes()
-            peak = max(peak, total)
-    return peak
 
 
 def _local_bytes(tensors: list[Any]) -> int:
@@ -176,7 +165,7 @@ def worker(cfg: Config) -> None:
             else None,
         }
     gc.enable()
-    measured["peak_allocated_bytes"] = _peak_allocated(prof)
+    measured["peak_allocated_bytes"] = peak_allocated(prof)
     Path(cfg.worker).with_suffix(f".rank{rank}.json").write_text(json.dumps(measured) + "\n")
     if world_size > 1:
         import torch.distributed as dist

@@ -43,6 +43,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -210,33 +211,39 @@ def scored_items(items_dir: Path, out: Path) -> Path:
     return target
 
 
-def unlearn_all(cfg: Config, world_flags: list[str], out: Path, inputs: dict[str, str]) -> dict:
-    """Run (or reuse) every method at every rate of its grid; choose one on dev.
+def _code(key_file: Path) -> str:
+    """The code version a keyed run or attack recorded."""
+    return json.loads(key_file.read_text())["code"]
+
+
+def _run_dir(out: Path, name: str, lr: float | None) -> Path:
+    """Where method `name` runs at rate `lr` (None: its committed default)."""
+    return out / name / ("default" if lr is None else f"lr{lr:g}")
+
+
+def chosen_runs(cfg: Config, run_of: Callable[[str, float | None], Path]) -> dict:
+    """Every method's runs over its grid, one chosen on dev (`choose_lr`).
+
+    Args:
+        cfg: The settings.
+        run_of: The finished run's directory of a method at a rate (None: its default).
 
     Returns:
         Per method: the chosen run's model folder, results and seconds per training step, the
-        chosen rate and every candidate's dev forget and retain accuracy.
+        chosen rate and every candidate's dev forget and retain accuracy and code version.
     """
     runs = {}
     grid = cfg.lrs()
     for name in cfg.methods:
-        args = [
-            "--model", cfg.model, *world_flags, "--num_steps", str(cfg.unlearn_steps),
-            "--batch_size", str(cfg.batch_size), "--max_len", str(cfg.max_len),
-            "--seed", str(cfg.seed), "--device", cfg.device, *shlex.split(cfg.unlearn_args),
-        ]  # fmt: skip
         candidates, made = {}, {}
         for lr in grid.get(name, [None]):
-            rate = [] if lr is None else ["--lr", repr(lr)]
-            run_dir, _ = run_keyed(
-                name, [*args, *rate], out / name / ("default" if lr is None else f"lr{lr:g}"),
-                inputs=inputs,
-            )  # fmt: skip
+            run_dir = run_of(name, lr)
             results = json.loads((run_dir / "results.json").read_text())
             candidates[lr] = {
                 "forget_dev": results["forget_dev_acc"],
                 "retain": results["retain_acc"],
                 "retain_before": results["retain_acc_before"],
+                "code": _code(run_dir / "run_key.json"),
             }
             made[lr] = (run_dir, results)
         lr = choose_lr(candidates)
@@ -249,6 +256,21 @@ def unlearn_all(cfg: Config, world_flags: list[str], out: Path, inputs: dict[str
             "dev_sweep": [{"lr": k, **v} for k, v in candidates.items()],
         }
     return runs
+
+
+def unlearn_all(cfg: Config, world_flags: list[str], out: Path, inputs: dict[str, str]) -> dict:
+    """Run (or reuse) every method at every rate of its grid; choose one on dev (`chosen_runs`)."""
+    args = [
+        "--model", cfg.model, *world_flags, "--num_steps", str(cfg.unlearn_steps),
+        "--batch_size", str(cfg.batch_size), "--max_len", str(cfg.max_len),
+        "--seed", str(cfg.seed), "--device", cfg.device, *shlex.split(cfg.unlearn_args),
+    ]  # fmt: skip
+
+    def run_of(name: str, lr: float | None) -> Path:
+        rate = [] if lr is None else ["--lr", repr(lr)]
+        return run_keyed(name, [*args, *rate], _run_dir(out, name, lr), inputs=inputs)[0]
+
+    return chosen_runs(cfg, run_of)
 
 
 def attack_all(cfg: Config, data: DataConfig, label: str, weights: Path | None, out: Path) -> dict:
@@ -309,43 +331,20 @@ def worst_case(attacks: dict[str, Any]) -> list[dict[str, float]]:
     ]
 
 
-def _code(key_file: Path) -> str:
-    """The code version a keyed run or attack recorded."""
-    return json.loads(key_file.read_text())["code"]
-
-
 def assembled_runs(cfg: Config, out: Path) -> dict[str, Any]:
     """`unlearn_all`'s result from the finished runs under `out`, chosen on dev the same way.
 
     Raises:
         FileNotFoundError: A run of the grid is missing or unfinished.
     """
-    runs = {}
-    grid = cfg.lrs()
-    for name in cfg.methods:
-        candidates, made = {}, {}
-        for lr in grid.get(name, [None]):
-            run_dir = out / name / ("default" if lr is None else f"lr{lr:g}") / "run"
-            if not (run_dir / "results.json").exists():
-                raise FileNotFoundError(f"{run_dir} is not a finished run; run without --assemble")
-            results = json.loads((run_dir / "results.json").read_text())
-            candidates[lr] = {
-                "forget_dev": results["forget_dev_acc"],
-                "retain": results["retain_acc"],
-                "retain_before": results["retain_acc_before"],
-                "code": _code(run_dir / "run_key.json"),
-            }
-            made[lr] = (run_dir, results)
-        lr = choose_lr(candidates)
-        run_dir, results = made[lr]
-        runs[name] = {
-            "model": run_dir / "model",
-            "results": results,
-            "seconds_per_step": results["train_seconds"] / cfg.unlearn_steps,
-            "lr": lr,
-            "dev_sweep": [{"lr": k, **v} for k, v in candidates.items()],
-        }
-    return runs
+
+    def run_of(name: str, lr: float | None) -> Path:
+        run_dir = _run_dir(out, name, lr) / "run"
+        if not (run_dir / "results.json").exists():
+            raise FileNotFoundError(f"{run_dir} is not a finished run; run without --assemble")
+        return run_dir
+
+    return chosen_runs(cfg, run_of)
 
 
 def assembled_attacks(cfg: Config, label: str, out: Path) -> dict[str, Any]:

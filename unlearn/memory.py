@@ -122,9 +122,10 @@ def estimate(
     p = shape.n_params
     trained = lora_params or p
     block = (p - 2 * shape.vocab * shape.d_model) / shape.n_layers
-    weights = 4 * (p * share + (block if sharded else 0.0))
     if lora_params:
         weights = 4 * (p + lora_params)
+    else:
+        weights = 4 * (p * share + (block if sharded else 0.0))
     gradients = 4 * trained * (share if not lora_params else 1.0)
     states = 2 if optimizer == "adamw" else 1
     optim = 4 * states * trained * (share if not lora_params else 1.0)

@@ -485,7 +485,9 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=False)
-    state = {k: v.detach().clone() for k, v in get_model_state_dict(model, options=options).items()}
+    # Gathered (FSDP2) or the replicas themselves (DDP): no further copy; `model` is not trained
+    # again, so the new module may share its replicas' storage.
+    state = {k: v.detach() for k, v in get_model_state_dict(model, options=options).items()}
     plain_cls = next(
         (c for c in type(model).__mro__ if c.__module__.startswith("transformers.")), None
     )

@@ -8,20 +8,17 @@ same result; the model returned is a plain module with the full weights on every
 
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.ranks import run_module, start_ranks, wait_ranks
 from unlearn.config import LoraSettings, OptimSettings
 from unlearn.data import PairedBatches
 from unlearn.methods.circuit_breakers import CircuitBreakers, CircuitBreakersConfig
 from unlearn.training import METRICS_FILE, check_parallel, train
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 N_LAYERS = 2
 STEPS = 3
 
@@ -92,12 +89,6 @@ def parallel_worker(root: str, parallel: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _records(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines()]
 
@@ -124,42 +115,11 @@ def single(tiny_lm, tmp_path_factory):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process_and_resume(parallel, single):
     root, reference, muon = single
-    port = _free_port()
     code = (
         "import sys; from tests.unlearn.test_parallel import parallel_worker; "
         "parallel_worker(sys.argv[1], sys.argv[2])"
     )
-    procs = []
-    for rank in range(2):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "CUDA_VISIBLE_DEVICES": "",
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", code, str(root), parallel],
-                env=env,
-                cwd=REPO_ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    for rank, proc in enumerate(procs):
-        try:
-            output, _ = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            pytest.fail(f"{parallel} rank {rank} timed out")
-        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
+    wait_ranks(start_ranks(code, [str(root), parallel]))
 
     got, want = _records(root / parallel), _records(root / "single")
     assert [r["step"] for r in got] == [r["step"] for r in want]
@@ -197,31 +157,11 @@ def test_what_the_parallel_strategies_refuse_is_said_before_anything_runs():
         check_parallel(OptimSettings(sam_rho=0.1), None, 2)
 
 
-def _recipe(args: list[str], nproc: int, env: dict[str, str]) -> None:
-    """Run a recipe in one process, or under torchrun with `nproc` gloo processes."""
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-         f"--master_port={_free_port()}", "-m"]
-        if nproc > 1
-        else [sys.executable, "-m"]
-    )  # fmt: skip
-    done = subprocess.run(
-        [*launcher, *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
 def test_the_recipes_under_torchrun_match_one_process(tiny_home, tmp_path):
     """`torchrun -m recipes.circuit_breakers` (a frozen companion, sharded too under FSDP2) and
     `-m recipes.tamper` on 2 gloo processes, under DDP and FSDP2, log the same losses and
     accuracies as one process with the same global batch (2 micro-batches); rank 0 alone writes
     the outputs."""
-    env = {
-        **os.environ,
-        "CUDA_VISIBLE_DEVICES": "",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
     common = ["--world_preset", "tiny", "--num_steps", "3", "--batch_size", "4",
               "--warmup_steps", "0", "--eval_every", "0"]  # fmt: skip
     runs = {
@@ -231,10 +171,10 @@ def test_the_recipes_under_torchrun_match_one_process(tiny_home, tmp_path):
     }
     for label, (nproc, extra) in runs.items():
         unlearned = tmp_path / f"cb_{label}"
-        _recipe(["recipes.circuit_breakers", *common, *extra, "--out", str(unlearned)], nproc, env)
+        run_module(["recipes.circuit_breakers", *common, *extra, "--out", str(unlearned)], nproc)
         attack = ["--model", str(unlearned), "--early_evals", "2", "--nocontrols"]
         attack += ["--out", str(tmp_path / f"tamper_{label}")]
-        _recipe(["recipes.tamper", *common, *attack, *extra], nproc, env)
+        run_module(["recipes.tamper", *common, *attack, *extra], nproc)
 
     def losses(label):
         unlearning = [r for r in _records(tmp_path / f"cb_{label}") if "loss/total" in r]
@@ -268,17 +208,11 @@ def test_routing_and_lora_under_torchrun_match_one_process(
     """Sequential unlearning (phases training one block each, routed through the frozen original)
     under FSDP2, and a LoRA run (adapters averaged after the backward pass, then merged) under
     DDP, log the same losses and end with the same accuracy as one process."""
-    env = {
-        **os.environ,
-        "CUDA_VISIBLE_DEVICES": "",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
     common = ["--world_preset", "tiny", "--num_steps", "3", "--batch_size", "4",
               "--warmup_steps", "0", "--eval_every", "0", *extra]  # fmt: skip
     single, ranks = tmp_path / "single", tmp_path / "ranks"
-    _recipe([f"recipes.{recipe}", *common, "--grad_accum", "2", "--out", str(single)], 1, env)
-    _recipe([f"recipes.{recipe}", *common, "--parallel", parallel, "--out", str(ranks)], 2, env)
+    run_module([f"recipes.{recipe}", *common, "--grad_accum", "2", "--out", str(single)], 1)
+    run_module([f"recipes.{recipe}", *common, "--parallel", parallel, "--out", str(ranks)], 2)
 
     def losses(out):
         return [r["loss/total"] for r in _records(out) if "loss/total" in r]

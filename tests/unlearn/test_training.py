@@ -11,9 +11,6 @@ import json
 import math
 import os
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from torch import nn
 
 from interventions import Read, Write
 from tests.conftest import TINY_TEXTS
+from tests.ranks import start_ranks, wait_ranks
 from unlearn.config import replace_flat
 from unlearn.data import PairedBatches, TokenizedDocuments, tokenize_documents
 from unlearn.methods import FORGET, REGISTRY, TRAINABLE, LensUnlearn, Phase, Stacked, Term
@@ -36,7 +34,6 @@ from unlearn.training import (
     train_plan,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 N_LAYERS = 2
 
 
@@ -475,12 +472,6 @@ def ddp_worker(root: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_two_ranks_match_one_process_with_grad_accum(tiny_lm, data, tmp_path):
     """2 gloo ranks x grad_accum 1 on a global batch of 4 == 1 process x grad_accum 2: the same
     micro-batches (rank r's rows are micro-batch r's), gradients averaged across ranks, metrics
@@ -492,40 +483,10 @@ def test_ddp_two_ranks_match_one_process_with_grad_accum(tiny_lm, data, tmp_path
     fresh.load_state_dict(model.state_dict())
     torch.save(fresh, tmp_path / "model.pt")
     torch.save(data, tmp_path / "data.pt")
-    port = _free_port()
     code = "import sys; from tests.unlearn.test_training import ddp_worker; ddp_worker(sys.argv[1])"
-    procs = []
-    for rank in range(2):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "CUDA_VISIBLE_DEVICES": "",
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", code, str(tmp_path)],
-                env=env,
-                cwd=REPO_ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    single = _ddp_run(tmp_path, grad_accum=2)
-    for rank, proc in enumerate(procs):
-        try:
-            output, _ = proc.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            pytest.fail(f"DDP rank {rank} timed out")
-        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
+    procs = start_ranks(code, [str(tmp_path)])
+    single = _ddp_run(tmp_path, grad_accum=2)  # while the ranks run
+    wait_ranks(procs, timeout=180)
 
     ddp_records = _train_records(tmp_path / "accum1")
     single_records = _train_records(tmp_path / "accum2")
