@@ -50,6 +50,7 @@ from typing import Any
 
 from simple_parsing import parse
 
+from benchmarks.realfacts import wilson
 from recipes.unlearn import run_keyed
 from unlearn.config import DataConfig, ModelConfig
 from unlearn.experiment import load_setup
@@ -447,8 +448,18 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def _ci(value: float, n: int) -> str:
+    """A percentage with its 95% Wilson interval over `n` items (one seed)."""
+    low, high = wilson(value * n, n)
+    return f"{_pct(value)} [{_pct(low)}, {_pct(high)}]"
+
+
 def real_model_table(payload: dict[str, Any]) -> str:
-    """Per model: test forget and retain before the attack, the worst case under it, step time."""
+    """Per model: test forget and retain before the attack, the worst case under it, step time.
+
+    Accuracies carry 95% Wilson intervals over the items (one unlearning and attack seed).
+    """
+    n_forget, n_retain = payload["n_test_items"], payload["n_retain_items"]
     lines = [
         "| model | forget (test) | retain | forget under attack (max) | retain under attack (min) "
         "| s / unlearning step | s / attack step |",
@@ -459,9 +470,9 @@ def real_model_table(payload: dict[str, Any]) -> str:
         attack_seconds = [a["seconds_per_step"] for a in row["attacks"].values()]
         unlearn = row["unlearn_seconds_per_step"]
         lines.append(
-            f"| {label} | {_pct(row['forget_test'])} | {_pct(row['retain'])} | "
-            f"{_pct(max(r['forget_acc'] for r in worst))} | "
-            f"{_pct(min(r['retain_acc'] for r in worst))} | "
+            f"| {label} | {_ci(row['forget_test'], n_forget)} | {_ci(row['retain'], n_retain)} | "
+            f"{_ci(max(r['forget_acc'] for r in worst), n_forget)} | "
+            f"{_ci(min(r['retain_acc'] for r in worst), n_retain)} | "
             f"{'–' if unlearn is None else f'{unlearn:.2f}'} | "
             f"{sum(attack_seconds) / len(attack_seconds):.2f} |"
         )
@@ -507,7 +518,8 @@ def real_model_markdown(payload: dict[str, Any]) -> str:
         f"defaults otherwise. Attacks {', '.join(cfg['attacks'])} of the `default` suite: "
         f"{cfg['attack_steps']} steps of {cfg['attack_batch_size']} attack-split documents. "
         f"Accuracies in % on {payload['n_test_items']} held-out **test** items (countries in no "
-        f"training document) and {payload['n_retain_items']} retain items; chance is 25%. "
+        f"training document) and {payload['n_retain_items']} retain items, with 95% Wilson "
+        "intervals over the items (one seed); chance is 25%. "
         "No filtered twin exists for a real model: the attacked original is the reference. "
         "Under attack: the worst case over the attacks at each evaluated step (highest forget, "
         "lowest retain), then its maximum (forget) and minimum (retain) over the steps.\n\n"
