@@ -15,6 +15,10 @@ on the token raises E (a "detractor" of the forget domain), s_i < 0 when it lowe
   run's `--token_mask`) and "attributed_retain" (retain rows).
 - `train_on="detractors"`: only the retain tokens with s_i > 0, w_i = s_i / mean_{s_j > 0} s_j:
   descent on the retain text whose training pushes E up, no ascent anywhere. Term "detractors".
+- `train_on="mask"`: the same two terms with the attribution replaced by a token mask: weight
+  −1 (ascent) on every forget token the run's `--token_mask` selects and +1 (descent) on every
+  retain token (mean |w| = 1 as above). With `--token_mask values` (the toy world's ground-truth
+  value tokens) it is the comparison the attribution has to beat; no scores are computed.
 
 Both add the usual retain term (`retain.py`). The scores come from `scores_path` (a file that
 `unlearn.selection.magic_scores.save_token_scores` wrote for exactly these rows) or are computed
@@ -53,10 +57,11 @@ from unlearn.toyworld.world import DEV
 class DetractorConfig:
     """Detractor-learning settings."""
 
-    train_on: Literal["weighted", "detractors"] = "weighted"
+    train_on: Literal["weighted", "detractors", "mask"] = "weighted"
     """"weighted": every forget and retain token, weighted by its normalized score (ascent where
     training helps the forget domain); "detractors": only the retain tokens whose training raises
-    the forget dev loss (descent)."""
+    the forget dev loss (descent); "mask": weight −1 on the forget tokens of --token_mask and +1
+    on retain tokens, no attribution (with --token_mask values: the ground-truth comparison)."""
     scores_path: str | None = None
     """A score file (or its folder) for exactly this run's rows; None computes (and caches) the
     scores with the `magic` settings."""
@@ -112,7 +117,11 @@ class RowWeights:
 
 
 def _weighted_term(
-    name: str, logits: str, side: str, weights: RowWeights, cfg: DetractorConfig
+    name: str,
+    logits: str,
+    side: str,
+    weights: RowWeights | ConstantWeights,
+    cfg: DetractorConfig,
 ) -> Term:
     """The attribution-weighted NLL of one side's rows, weighted by the forget settings."""
 
@@ -123,23 +132,39 @@ def _weighted_term(
     return cfg.forget.term(loss, name)
 
 
+class ConstantWeights:
+    """The same weight for every token of a batch (the `mask` variant's)."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+
+    def __call__(self, batch: Batch) -> Float[Tensor, "batch pos"]:
+        """The weight at every position of the batch."""
+        return torch.full(batch.input_ids.shape, self.weight, device=batch.input_ids.device)
+
+
 class DetractorLearning:
     """Nodes and terms of detractor learning, with the rows' scores."""
 
-    def __init__(self, cfg: DetractorConfig, scores: TokenScores) -> None:
+    def __init__(self, cfg: DetractorConfig, scores: TokenScores | None) -> None:
         """Turn the forget dev scores into weights and declare the weighted terms.
 
         Raises:
-            ValueError: No score to train on.
+            ValueError: No score to train on, or no scores for a variant that reads them.
         """
-        forget_scores = scores.rows(FORGET_DEV, "forget")
-        retain_scores = scores.rows(FORGET_DEV, "retain")
         retain = cfg.retain.component()
         retain_logits = Read("retain_logits", "unembed", model=TRAINABLE, batch=RETAIN)
-        if cfg.train_on == "weighted":
-            weights = token_weights([*forget_scores, *retain_scores])
-            forget_weights = RowWeights(weights[: len(forget_scores)])
-            retain_weights = RowWeights(weights[len(forget_scores) :])
+        if cfg.train_on != "mask" and scores is None:
+            raise ValueError(f"--train_on {cfg.train_on} needs attribution scores")
+        if cfg.train_on in ("weighted", "mask"):
+            if scores is None:
+                forget_weights: RowWeights | ConstantWeights = ConstantWeights(-1.0)
+                retain_weights: RowWeights | ConstantWeights = ConstantWeights(1.0)
+            else:
+                forget_scores = scores.rows(FORGET_DEV, "forget")
+                weights = token_weights([*forget_scores, *scores.rows(FORGET_DEV, "retain")])
+                forget_weights = RowWeights(weights[: len(forget_scores)])
+                retain_weights = RowWeights(weights[len(forget_scores) :])
             forget_logits = Read("forget_logits", "unembed", model=TRAINABLE, batch=FORGET)
             terms = (
                 _weighted_term("forget", "forget_logits", FORGET, forget_weights, cfg),
@@ -147,6 +172,7 @@ class DetractorLearning:
             )
             nodes: tuple[Node, ...] = (forget_logits, retain_logits)
         else:
+            retain_scores = scores.rows(FORGET_DEV, "retain")
             retain_weights = RowWeights(token_weights(retain_scores, positive_only=True))
             terms = (_weighted_term("detractors", "retain_logits", RETAIN, retain_weights, cfg),)
             nodes = (retain_logits,)
@@ -180,6 +206,8 @@ def _scores(cfg: DetractorConfig, ctx: Context) -> tuple[TokenScores, dict[str, 
 
 def build(cfg: DetractorConfig, ctx: Context) -> Plan:
     """Get the scores of the run's rows, check they fit, and one phase of weighted training."""
+    if cfg.train_on == "mask":
+        return Plan([Phase(DetractorLearning(cfg, None), ctx.training.num_steps)], {})
     scores, info = _scores(cfg, ctx)
     scores.check(
         tokenize_documents(ctx.tokenizer, ctx.forget_docs, ctx.data.max_len),
@@ -197,6 +225,11 @@ def _inputs(cfg: DetractorConfig, model_cfg: ModelConfig, data_cfg: DataConfig) 
             f"--train_on detractors trains on retain tokens only, so --token_mask "
             f"{data_cfg.token_mask} (which selects forget tokens) would do nothing; leave it at "
             "all, or use --train_on weighted"
+        )
+    if cfg.train_on == "mask" and cfg.scores_path is not None:
+        raise ValueError(
+            "--train_on mask weighs tokens by --token_mask, not by attribution scores: drop "
+            "--scores_path, or use --train_on weighted"
         )
     return {"paths": {"scores_path": cfg.scores_path}}
 
