@@ -284,11 +284,16 @@ def _step(value: int | None) -> str:
 
 
 def leaderboard_table(payload: dict[str, Any]) -> str:
-    """The leaderboard's rows as a Markdown table (accuracies and excess in points)."""
+    """The leaderboard's rows as a Markdown table (accuracies and excess in points).
+
+    With `compute` in the payload (`benchmarks.compute`), a last column gives each row's FLOPs
+    as a multiple of pretraining the filtered twin.
+    """
+    compute = payload.get("compute")
     lines = [
         "| model | forget (test) | retain | excess max | excess mean | steps to filtered + 10 | "
-        "retain under attack | collapsed |",
-        "|---|---|---|---|---|---|---|---|",
+        "retain under attack | collapsed |" + (" compute (x pretraining) |" if compute else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if compute else ""),
     ]
     for label, m in payload["rows"].items():
         lines.append(
@@ -297,8 +302,15 @@ def leaderboard_table(payload: dict[str, Any]) -> str:
             f"{_step(m['steps_to_exceed'])} [{_step(m['steps_to_exceed_ci'][0])}, "
             f"{_step(m['steps_to_exceed_ci'][1])}] | {_pct(m['retain_under_attack'])} | "
             f"{'yes' if m['collapsed'] else 'no'} |"
+            + (f" {_multiple(compute.get(label))} |" if compute else "")
         )
     return "\n".join(lines) + "\n"
+
+
+def _multiple(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
 def leaderboard_markdown(payload: dict[str, Any]) -> str:

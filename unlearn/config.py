@@ -206,6 +206,10 @@ class TrainingConfig:
     on_nonfinite: NonFinitePolicy = "stop"
     """A step with a NaN or infinite loss or gradient norm stops the run, keeping the last finite
     state ("stop"), or is skipped without an update ("skip"; counted as skipped_steps)."""
+    count_flops: bool = False
+    """Count the FLOPs of preparation and training (`unlearn.compute`; results.json gets
+    flops_prepare and flops_train, evaluations excluded). Slows the run; counts only what this
+    process ran (a resumed run's count misses the steps before the resume)."""
 
     def __post_init__(self) -> None:
         problems = [

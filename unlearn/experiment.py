@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from unlearn.compute import FlopCount
 from unlearn.config import TOYWORLD, DataConfig, ModelConfig, TrainingConfig
 from unlearn.data import PairedBatches, read_documents, read_items, tokenize_documents
 from unlearn.eval import reporting
@@ -441,8 +442,9 @@ def run_method(
     )
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
+    flops = FlopCount(train_cfg.count_flops)
     # torchrun: rank 0 prepares first (caches, a lens, token masks), the others then find them.
-    with rank_zero_first():
+    with rank_zero_first(), flops.scope("prepare"):
         setup, plan, masks = _prepare(
             method, method_cfg, model_cfg, data_cfg, train_cfg, out, run_key, config
         )
@@ -453,16 +455,20 @@ def run_method(
         **evaluate(model, tokenizer, setup.items, headline, evaluator),
         **report(model, tokenizer, setup, evaluator),
     }
-    trained = _train_phases(
-        model, plan, setup, data_cfg, train_cfg, out, run_key["key"], method, masks
-    )
+    with flops.scope("train"):
+        trained = _train_phases(
+            model, plan, setup, data_cfg, train_cfg, out, run_key["key"], method, masks, flops
+        )
+    flops.exclude("train", "eval")
     after = {
         **evaluate(trained[-1].model, tokenizer, setup.items, headline, evaluator),
         **report(trained[-1].model, tokenizer, setup, evaluator),
     }
     with rank_zero_first():
         if is_main_process():
-            return _write_outputs(out, method.name, plan, trained, tokenizer, before, after)
+            return _write_outputs(
+                out, method.name, plan, trained, tokenizer, before, after, flops.flops
+            )
     return {**json.loads((out / "results.json").read_text()), **plan.info}
 
 
@@ -521,8 +527,13 @@ def _train_phases(
     run_key: str,
     method: Registration,
     masks: list[list[bool]] | None = None,
+    flops: FlopCount | None = None,
 ) -> list[TrainResult]:
-    """Batch the data (the forget rows with their token masks) and run the plan's phases."""
+    """Batch the data (the forget rows with their token masks) and run the plan's phases.
+
+    The evaluations during training are counted under `flops`' "eval" scope.
+    """
+    counted = flops or FlopCount(enabled=False)
     tokenizer, headline = setup.loaded.tokenizer, data_cfg.eval_template
     forget = tokenize_documents(tokenizer, setup.forget_docs, data_cfg.max_len)
     batches = PairedBatches(
@@ -545,7 +556,9 @@ def _train_phases(
         lora=train_cfg.lora,
         seed=train_cfg.seed,
         desc=method.name,
-        eval_fn=lambda m: evaluate(m, tokenizer, eval_items, headline, data_cfg.evaluator),
+        eval_fn=lambda m: counted.run(
+            "eval", evaluate, m, tokenizer, eval_items, headline, data_cfg.evaluator
+        ),
         eval_every=train_cfg.eval_every,
         save_every=train_cfg.save_every,
         on_nonfinite=train_cfg.on_nonfinite,
@@ -561,8 +574,9 @@ def _write_outputs(
     tokenizer: Any,
     before: dict[str, float],
     after: dict[str, float],
+    flops: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """model/, metrics.jsonl over every phase, training.png and results.json."""
+    """model/, metrics.jsonl over every phase, training.png and results.json (with `flops`)."""
     model = trained[-1].model
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
@@ -585,6 +599,7 @@ def _write_outputs(
         "num_phases": len(plan.phases),
         "skipped_steps": sum(result.skipped_steps for result in trained),
         "train_seconds": sum(result.train_seconds for result in trained),
+        **(flops or {}),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     return {**results, **plan.info}
