@@ -25,6 +25,7 @@ from unlearn.eval import evaluate_mc
 from unlearn.models import list_checkpoints, load_model
 from unlearn.provenance import git_sha, machine, portable_path
 from unlearn.toyworld import ToyWorld, get_preset, world_dir
+from unlearn.toyworld.config import PRESETS
 from unlearn.toyworld.world import TUNING_SPLITS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,7 +52,7 @@ def checkpoint_curve(world: ToyWorld, template: str = "reserved") -> dict[str, A
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="default", choices=["default", "tiny"])
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -38,7 +38,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from simple_parsing import parse  # noqa: E402
 
-from benchmarks.leaderboard import FILTERED, UNFILTERED, write_results  # noqa: E402
+from benchmarks.leaderboard import (  # noqa: E402
+    FILTERED,
+    UNFILTERED,
+    seed_flags,
+    write_results,
+)
 from recipes import unlearn as generic  # noqa: E402
 from unlearn.compute import pretraining_flops  # noqa: E402
 from unlearn.methods import REGISTRY, registration  # noqa: E402
@@ -56,6 +61,9 @@ class Config:
     """The leaderboard whose rows are measured (their methods and flags) and extended."""
     rows: list[str] = field(default_factory=list)
     """Only these row labels (empty: every method row); rows measured earlier are kept."""
+    upstream: list[str] = field(default_factory=list)
+    """"row=other" pairs: `row` starts from `other`'s models (UNDO's teacher), so its compute
+    includes other's (e.g. undo_cb=circuit_breakers)."""
     sample_steps: int = 20
     """Training steps counted per phase; the count is scaled to the row's steps."""
     results: str = "benchmarks/results"
@@ -64,6 +72,8 @@ class Config:
     """Device of the runs."""
 
     def __post_init__(self) -> None:
+        if any("=" not in pair for pair in self.upstream):
+            raise ValueError(f"--upstream takes row=other pairs, got {self.upstream}")
         if self.sample_steps < 1:
             raise ValueError(f"--sample_steps must be >= 1, got {self.sample_steps}")
 
@@ -154,6 +164,7 @@ def measure_row(
     rest = [
         f for i, f in enumerate(flags) if f != "--num_steps" and flags[i - 1 : i] != ["--num_steps"]
     ]
+    rest = seed_flags(rest, 0)
     with cold_caches() as home:
         out = home / "run"
         args = ["--method", method, "--world_preset", preset, "--out", str(out), *rest]
@@ -172,6 +183,7 @@ def measure_row(
         "phases": results["num_phases"],
         "flops_prepare": results["flops_prepare"],
         "flops_train": train,
+        "flops_own": results["flops_prepare"] + train,
         "flops": results["flops_prepare"] + train,
         "seconds": seconds,
     }
@@ -200,6 +212,12 @@ def main(cfg: Config) -> dict[str, Any]:
         print(f"\n== {label}: {method} {shlex.join(flags)}")
         rows[label] = measure_row(method, flags, preset, cfg.sample_steps, cfg.device)
         rows[label]["git_sha"] = git_sha()
+    for pair in cfg.upstream:
+        label, other = pair.split("=", 1)
+        if label not in rows or other not in rows:
+            raise ValueError(f"--upstream {pair}: both must be method rows of {board_path}")
+        rows[label]["upstream"] = other
+        rows[label]["flops"] = rows[label]["flops_own"] + rows[other]["flops"]
     for row in rows.values():
         row["pretraining_fraction"] = row["flops"] / pretrain
     cfg_world = world.config
@@ -237,7 +255,9 @@ def compute_markdown(payload: dict[str, Any], board: dict[str, Any]) -> str:
         f"{payload['machine']['platform']}, torch {payload['machine']['torch']}. Rows of the "
         f"leaderboard at {str(payload['leaderboard_sha'])[:7]}.\n",
         "FLOPs: matrix-multiply and attention FLOPs (`torch.utils.flop_counter`), forward and "
-        "backward, frozen models' forwards included, evaluations excluded; one run per row at "
+        "backward, frozen models' forwards included, evaluations excluded (a row that starts "
+        "from another row's models, such as UNDO's teacher, includes that row's FLOPs); one run "
+        "per row at "
         "seed 0 with cold caches, preparation counted whole and training counted over the first "
         "steps of each phase (`counted`) and scaled to the row's steps. Pretraining the filtered "
         f"twin: {pre['steps']} steps, {pre['tokens']:,} tokens, {pre['flops']:.3e} FLOPs. "

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from simple_parsing import parse
 
@@ -45,6 +45,7 @@ from unlearn.provenance import git_sha, machine, portable_paths
 from unlearn.tamper import AttackSettings, suite
 from unlearn.tamper_report import attack_report, control_records
 from unlearn.tamper_stats import CHANCE, Curves, bootstrap_metrics
+from unlearn.toyworld.config import WorldPreset
 from unlearn.toyworld.world import ToyWorld, unlearn_home
 
 UNFILTERED, FILTERED = "unfiltered", "filtered twin"
@@ -64,10 +65,11 @@ class Config:
     """Attack suite (`unlearn.tamper.ATTACK_SUITES`)."""
     num_steps: int | None = None
     """Override the suite's attack steps."""
-    world_preset: Literal["default", "tiny"] = "default"
+    world_preset: WorldPreset = "default"
     """Toy-world preset."""
     unlearn_args: str = ""
-    """Extra flags for every recipe, as one string."""
+    """Extra flags for every recipe, as one string; "{seed}" stands for the unlearning seed (a
+    teacher per seed: `--teacher <runs>/circuit_breakers/seed{seed}/run/model`)."""
     label: str | None = None
     """Row label (and run folder) of a variant of one method, e.g. `--methods detractor
     --unlearn_args '--train_on detractors' --label detractor_detractors`; None: its name."""
@@ -165,6 +167,15 @@ def control_runs(cfg: Config, world: ToyWorld, setup: Setup) -> dict[str, list]:
     }
 
 
+def seed_flags(args: list[str], seed: int) -> list[str]:
+    """The recipe flags of one seed: every "{seed}" replaced by it.
+
+    E.g. UNDO's teacher, the unlearned model of the same seed:
+    `--teacher <runs>/circuit_breakers/seed{seed}/run/model`.
+    """
+    return [arg.replace("{seed}", str(seed)) for arg in args]
+
+
 def method_runs(
     name: str,
     args: list[str],
@@ -187,7 +198,7 @@ def method_runs(
     records, seconds, fresh = [], {"unlearn": 0.0, "attack": 0.0}, []
     for seed in range(cfg.seeds):
         seed_dir = method_dir / f"seed{seed}"
-        seed_args = [*args, "--seed", str(seed)]
+        seed_args = [*seed_flags(args, seed), "--seed", str(seed)]
         keys = {"world": world_key, **(inputs or {})}
         run, unlearn_seconds = run_keyed(name, seed_args, seed_dir, inputs=keys)
         attack_start = time.perf_counter()

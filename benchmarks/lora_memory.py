@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from unittest import mock
 
 import simple_parsing
@@ -51,6 +51,7 @@ from unlearn.data import PairedBatches, tokenize_documents
 from unlearn.experiment import load_setup
 from unlearn.methods import Context, registration
 from unlearn.provenance import git_sha, machine, portable_paths
+from unlearn.toyworld.config import WorldPreset
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -64,7 +65,7 @@ class Config:
 
     methods: list[str] = field(default_factory=lambda: ["npo", "circuit_breakers"])
     """Registered methods to run (with their defaults); each must read "base"."""
-    world_preset: Literal["default", "tiny"] = "default"
+    world_preset: WorldPreset = "default"
     """Toy-world preset whose unfiltered model is trained."""
     num_steps: int = 3
     """LoRA steps per run."""

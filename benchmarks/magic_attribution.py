@@ -33,7 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from simple_parsing import parse
@@ -53,6 +53,7 @@ from unlearn.selection.magic import (
     metagradients,
     retrained_losses,
 )
+from unlearn.toyworld.config import WorldPreset
 from unlearn.toyworld.world import DEV
 
 N_SUBSETS = {"default": 40, "tiny": 12}
@@ -63,7 +64,7 @@ N_SUBSETS = {"default": 40, "tiny": 12}
 class Config:
     """MAGIC attribution benchmark: LDS against retraining, and precision/recall of value tokens."""
 
-    world_preset: Literal["default", "tiny"] = "default"
+    world_preset: WorldPreset = "default"
     """Toy-world preset."""
     n_forget_docs: int = 800
     """Candidate forget documents (attack split), spread evenly over the corpus."""

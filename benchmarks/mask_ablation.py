@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from simple_parsing import parse
 
@@ -44,6 +44,7 @@ from unlearn.provenance import git_sha, machine, portable_paths
 from unlearn.selection import SELECTORS, token_mask_source
 from unlearn.tamper import suite
 from unlearn.tamper_stats import Curves, bootstrap_metrics
+from unlearn.toyworld.config import WorldPreset
 from unlearn.toyworld.world import unlearn_home
 
 
@@ -61,7 +62,7 @@ class Config:
     """Attack suite (`unlearn.tamper.ATTACK_SUITES`)."""
     num_steps: int | None = None
     """Override the suite's attack steps."""
-    world_preset: Literal["default", "tiny"] = "default"
+    world_preset: WorldPreset = "default"
     """Toy-world preset."""
     unlearn_args: str = ""
     """Extra flags for every unlearning run, as one string."""

@@ -35,6 +35,7 @@ from simple_parsing import parse
 from benchmarks.lora_memory import peak_allocated
 from unlearn.memory import MIB, PYTHIA_6_9B, ModelShape, estimate
 from unlearn.provenance import git_sha, machine
+from unlearn.toyworld.config import WorldPreset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
@@ -50,7 +51,7 @@ SETTINGS = {
 class Config:
     """Memory per process at 1 and 2 processes."""
 
-    world_preset: Literal["default", "tiny"] = "default"
+    world_preset: WorldPreset = "default"
     """Toy-world preset."""
     num_steps: int = 3
     """Training steps per run."""

@@ -36,7 +36,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from simple_parsing import parse
@@ -60,6 +60,7 @@ from unlearn.selection.attribution import attribution_scores
 from unlearn.selection.base import selectable, top_fraction, unflatten
 from unlearn.selection.linear_probe import probe_scores
 from unlearn.selection.sae import sae_counts, sae_firing
+from unlearn.toyworld.config import WorldPreset
 from unlearn.toyworld.world import DEV
 
 FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
@@ -79,7 +80,7 @@ class Config:
 
     tune: bool = False
     """Run the dev sweep instead (writes token_selection_dev.{json,md})."""
-    world_preset: Literal["default", "tiny"] = "default"
+    world_preset: WorldPreset = "default"
     """Toy-world preset."""
     selectors: list[str] = dataclasses.field(default_factory=lambda: list(SELECTORS))
     """Selectors to run."""

@@ -40,7 +40,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from simple_parsing import parse
 
@@ -53,6 +53,7 @@ from unlearn.provenance import git_sha, machine, portable_paths
 from unlearn.tamper import suite
 from unlearn.tamper_report import attack_report, control_records
 from unlearn.tamper_stats import Curves, point_metrics
+from unlearn.toyworld.config import WorldPreset
 from unlearn.toyworld.world import unlearn_home
 
 DEV = "forget_dev"
@@ -93,7 +94,7 @@ class Config:
     """Attack suite (`unlearn.tamper.ATTACK_SUITES`), shortened to `num_steps`."""
     num_steps: int = 100
     """Attack steps of every attack of the suite."""
-    world_preset: Literal["default", "tiny"] = "default"
+    world_preset: WorldPreset = "default"
     """Toy-world preset."""
     unlearn_args: str = ""
     """Extra flags for every recipe, as one string."""

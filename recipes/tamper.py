@@ -41,6 +41,7 @@ from unlearn.provenance import write_run_info
 from unlearn.runs import check_choices, parse_config, run_recipe
 from unlearn.tamper import ATTACK_PRESETS, AttackSettings
 from unlearn.tamper_report import PLOT_FILE, attack_report, plot_results, resolve_model
+from unlearn.toyworld.config import WorldPreset
 
 PresetName = Literal["full", "lora", "repair_then_attack", "benign"]
 PRESET_HELP = (
@@ -65,7 +66,7 @@ class Config:
     (toy world only)."""
     plot_only: list[str] | None = None
     """Only redraw --out/tamper.png from these tamper_results.json files (overlaid)."""
-    world_preset: Literal["default", "tiny"] = "default"
+    world_preset: WorldPreset = "default"
     """Toy-world preset (when --model is a toy-world name)."""
     world_seed: int = 0
     """Toy-world seed."""

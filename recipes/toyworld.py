@@ -15,18 +15,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from unlearn.runs import run_recipe
 from unlearn.toyworld import ITEM_SPLITS, build_world, get_preset
+from unlearn.toyworld.config import WorldPreset
 
 
 @dataclass
 class Config:
     """Which toy world to build."""
 
-    preset: Literal["default", "tiny"] = "default"
-    """Named world size: "default" (the reported world) or "tiny" (tests and smoke runs)."""
+    preset: WorldPreset = "default"
+    """Named world: "default" (the reported world), "mixed" (forget text interleaved through all
+    of pretraining) or "tiny" (tests and smoke runs)."""
     seed: int = 0
     """Seed of the world (entities, facts, documents, model init and batch order)."""
     root: str | None = None

@@ -25,8 +25,8 @@ PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 NOT_RUN = {
     '"EleutherAI/deep-ignorance-pretraining-stage-unfiltered"': "downloads a hub model to a GPU",
     "set_default_api_key": "needs an NDIF account and the network",
-    "run_lm_eval(model, tokenizer, tasks)": "needs WMDP/MMLU data files (tests/unlearn/test_lm_eval.py"
-    " runs the same calls on stand-ins)",
+    "run_lm_eval(model, tokenizer, tasks)": "needs WMDP/MMLU data files "
+    "(tests/unlearn/test_lm_eval.py runs the same calls on stand-ins)",
 }
 REWRITES = {
     'get_preset("default"), preset="default"': 'get_preset("tiny"), preset="tiny"',

@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import torch
 
+from unlearn.toyworld.config import WorldPreset
+
 ConfigT = TypeVar("ConfigT")
 
 NonFinitePolicy = Literal["stop", "skip"]
@@ -52,6 +54,15 @@ class OptimSettings:
     whose worst point (first order) the forget terms are minimized at; 0 turns it off. Every term
     but "retain" is sharpness-aware, the retain term is not; it costs one more forward pass and
     one more backward pass of the forget terms per micro-batch (`unlearn.training`)."""
+    tar_steps: int = 0
+    """Tamper-resistant forget terms, TAR-style (Tamirisa et al., ICLR 2025): before each
+    micro-batch's forget terms are differentiated, a simulated fine-tuning attack of this many
+    AdamW steps (`tar_lr`) on attack-split forget text moves the weights; the forget terms'
+    gradient is taken there (first order) and applied to the weights, the "retain" term's at the
+    weights themselves. 0 turns it off. Full fine-tuning in one process; costs `tar_steps`
+    forward/backward passes of the model and one more of the forget terms (`unlearn.training`)."""
+    tar_lr: float = 1e-3
+    """Learning rate of the simulated attack (`tar_steps`)."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """How `torchrun` ranks share a run (ignored in one process): "ddp" keeps the model on every
     rank and all-reduces gradients block by block while the backward pass runs (DDP on FSDP2's
@@ -84,6 +95,16 @@ class OptimSettings:
         if not (math.isfinite(self.sam_rho) and self.sam_rho >= 0):
             raise ValueError(
                 f"--sam_rho must be >= 0 (0: no sharpness-aware step), got {self.sam_rho}"
+            )
+        if self.tar_steps < 0 or not (math.isfinite(self.tar_lr) and self.tar_lr > 0):
+            raise ValueError(
+                f"--tar_steps must be >= 0 (0: no simulated attack) and --tar_lr > 0, got "
+                f"{self.tar_steps} and {self.tar_lr}"
+            )
+        if self.tar_steps > 0 and self.sam_rho > 0:
+            raise ValueError(
+                "--tar_steps and --sam_rho both choose where the forget terms are differentiated; "
+                "set one of them"
             )
 
 
@@ -131,7 +152,7 @@ class ModelConfig:
     or a local directory written by save_pretrained."""
     revision: str | None = None
     """Hub revision, or checkpoint name of a local directory (e.g. "step400")."""
-    world_preset: Literal["default", "tiny"] = "default"
+    world_preset: WorldPreset = "default"
     """Toy-world preset (built on first use)."""
     world_seed: int = 0
     """Toy-world seed."""

@@ -354,14 +354,27 @@ def check_parallel(optim: OptimSettings, lora: LoraSettings | None, world_size: 
     """Refuse what the data-parallel strategies do not support, before anything runs.
 
     Raises:
-        ValueError: FSDP2 with LoRA, or a sharpness-aware full fine-tune, on more than one rank.
+        ValueError: A simulated attack (`tar_steps`) under LoRA; FSDP2 with LoRA, or a
+            sharpness-aware or simulated-attack full fine-tune, on more than one rank.
     """
+    if optim.tar_steps > 0 and lora is not None:
+        raise ValueError(
+            "--tar_steps simulates a full fine-tuning attack, but under LoRA only the adapters "
+            "train, so the simulated attack would move only them; run it as a full fine-tune "
+            "(--lora_rank 0)"
+        )
     if world_size == 1:
         return
     if optim.parallel == "fsdp" and lora is not None:
         raise ValueError(
             "--parallel fsdp shards full fine-tuning only; LoRA runs keep one copy of the frozen "
             "weights per rank: use --parallel ddp with --lora_rank"
+        )
+    if optim.tar_steps > 0:
+        raise ValueError(
+            "--tar_steps simulates an attack on this rank's weights between the step's backward "
+            "passes, which DDP's and FSDP2's gradient hooks do not allow; run it in one process "
+            "(--grad_accum for a larger batch)"
         )
     if optim.sam_rho > 0 and lora is None:
         raise ValueError(
@@ -730,6 +743,13 @@ class _Run:
                 metrics["loss/sam_forget"] = perturbed
                 step_is_finite = self.is_finite_everywhere(perturbed)
                 what = f"the forget loss at the sharpness-aware point is {perturbed} ({metrics})"
+            elif step_is_finite and self.optim.tar_steps > 0 and loss.forget.requires_grad:
+                attacked, attack_loss = self.tamper_resistant_backward(
+                    loss, batches, progress, seed, step, micro
+                )
+                metrics["loss/tar_forget"], metrics["loss/tar_attack"] = attacked, attack_loss
+                step_is_finite = self.is_finite_everywhere(attacked)
+                what = f"the forget loss after the simulated attack is {attacked} ({metrics})"
             elif step_is_finite:
                 torch.autograd.backward(loss.total * (1.0 / grad_accum))
             for key, value in metrics.items():
@@ -781,17 +801,96 @@ class _Run:
         present = [g for g in grads if g is not None]
         norm = torch.nn.utils.get_total_norm(present) if present else torch.zeros(())
         step_size = self.optim.sam_rho / (float(norm) + 1e-12)
-        saved = [p.detach().clone() for p in self.params]
-        try:
+
+        def ascend() -> None:
             with torch.no_grad():
                 for param, grad in zip(self.params, grads, strict=True):
                     if grad is not None:
                         param.add_(grad, alpha=step_size)
+
+        return self.forget_backward_elsewhere(ascend, batches, progress, seed)
+
+    def tamper_resistant_backward(
+        self,
+        loss: _MicroLoss,
+        batches: Mapping[str, Any],
+        progress: float,
+        seed: int,
+        step: int,
+        micro: int,
+    ) -> tuple[float, float]:
+        """Accumulate a TAR-style micro-batch gradient: the forget terms after a simulated attack.
+
+        Tamirisa et al. 2025 (ICLR), "Tamper-Resistant Safeguards for Open-Weight LLMs", first-
+        order: θ' = θ after `tar_steps` steps of a fine-tuning attack (AdamW from a fresh state
+        at `tar_lr`, no weight decay, next-token loss on forget batches, i.e. attack-split text
+        only: the batches the run's own stream holds past its last step), then ∇L_f(θ') is
+        accumulated as the gradient at θ (the attack's steps are not differentiated through),
+        and ∇L_r(θ) as usual. The weights, and the gradient accumulated before, are restored
+        exactly afterwards. Cost: `tar_steps` forward and backward passes of the model, then one
+        more forward pass of the step graph and backward pass of L_f.
+
+        Returns:
+            L_f(θ') (unscaled; its gradient is not accumulated when non-finite) and the attack's
+            last next-token loss.
+        """
+        if loss.retain.requires_grad:
+            torch.autograd.backward(loss.retain * (1.0 / self.optim.grad_accum))
+        attack_losses: list[float] = []
+
+        def attack() -> None:
+            accumulated = [p.grad for p in self.params]
+            for param in self.params:
+                param.grad = None
+            inner = torch.optim.AdamW(self.params, lr=self.optim.tar_lr, weight_decay=0.0)
+            accum = self.optim.grad_accum
+            for k in range(self.optim.tar_steps):
+                index = self.num_steps + step * self.optim.tar_steps + k
+                forget, _ = self.batches.at(index, self.rank, self.world_size, micro, accum)
+                attack_losses.append(self.attack_step(inner, forget.to(self.device)))
+            for param, grad in zip(self.params, accumulated, strict=True):
+                param.grad = grad
+
+        value = self.forget_backward_elsewhere(attack, batches, progress, seed)
+        return value, attack_losses[-1]
+
+    def attack_step(self, optimizer: torch.optim.Optimizer, batch: Any) -> float:
+        """One step of the simulated fine-tuning attack: next-token loss on `batch`, AdamW."""
+        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.optim.precision == "bfloat16"
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            out = self.trainable(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels
+            )
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    def forget_backward_elsewhere(
+        self, move: Callable[[], None], batches: Mapping[str, Any], progress: float, seed: int
+    ) -> float:
+        """Move the weights (`move`), accumulate the forget terms' gradient there, restore them.
+
+        Shared by the sharpness-aware and the tamper-resistant steps. Random terms redraw the same
+        numbers as at the weights themselves (reseeded with `seed`).
+
+        Returns:
+            The forget terms' value at the moved weights (unscaled); a non-finite one's gradient
+            is not accumulated.
+        """
+        saved = [p.detach().clone() for p in self.params]
+        try:
+            move()
             torch.manual_seed(seed)
-            perturbed = self.micro_loss(batches, progress)
-            value = float(perturbed.forget.detach())
+            moved = self.micro_loss(batches, progress)
+            value = float(moved.forget.detach())
             if math.isfinite(value):  # the caller stops or skips the step on every rank
-                torch.autograd.backward(perturbed.forget * scale)
+                torch.autograd.backward(moved.forget * (1.0 / self.optim.grad_accum))
         finally:
             with torch.no_grad():
                 for param, original in zip(self.params, saved, strict=True):

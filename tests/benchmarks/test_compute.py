@@ -59,7 +59,7 @@ def test_a_tiny_leaderboard_gets_its_compute(tiny_home, tmp_path):
     row = payload["rows"]["checkpoint_transfer"]
     assert (row["steps"], row["counted_steps"]) == (3, 1)
     assert row["flops_prepare"] > 0  # the teacher sweep and the maps' activations
-    assert row["flops"] == row["flops_prepare"] + row["flops_train"]
+    assert row["flops"] == row["flops_own"] == row["flops_prepare"] + row["flops_train"]
     pre = payload["pretraining"]
     assert pre["tokens"] == 40 * 8 * 64  # the tiny preset's steps x rows x context
     assert row["pretraining_fraction"] == pytest.approx(row["flops"] / pre["flops"])
@@ -70,3 +70,13 @@ def test_a_tiny_leaderboard_gets_its_compute(tiny_home, tmp_path):
     assert "compute (x pretraining)" in table and "| 1.000 |" in table
     assert (tmp_path / "results" / "compute_vs_excess.png").stat().st_size > 0
     assert "checkpoint_transfer" in (tmp_path / "results" / "compute.md").read_text()
+
+
+def test_seed_flags_put_each_seed_into_the_flags():
+    flags = ["--teacher", "runs/circuit_breakers/seed{seed}/run/model", "--lr", "1e-3"]
+    assert leaderboard.seed_flags(flags, 2) == [
+        "--teacher",
+        "runs/circuit_breakers/seed2/run/model",
+        "--lr",
+        "1e-3",
+    ]

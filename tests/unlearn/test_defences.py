@@ -371,6 +371,73 @@ def test_the_sharpness_aware_step_runs_on_the_device(tiny_lm, tmp_path):
             assert got[key] == pytest.approx(want[key], rel=1e-4), key
 
 
+def test_tamper_resistant_step_matches_a_plain_reference(tiny_lm, tmp_path):
+    """One step of gradient difference with --tar_steps 2 --tar_lr 1e-2 (no clipping, AdamW).
+
+    Reference, plain PyTorch: L_r(θ) = retain NLL at θ; a copy θ' takes 2 steps of a fresh AdamW
+    (lr 1e-2, no weight decay) on the forget batches the run's stream holds past its last step
+    (steps 1 and 2 of a 1-step run), each on the next-token NLL of every real token; then
+    L_f(θ') = mean selected forget log-prob (ascent). The step's gradient is ∇L_r(θ) +
+    ∇_θ' L_f(θ') (first order), the weights stay θ until the outer AdamW step; loss/tar_forget
+    logs L_f(θ').
+    """
+    model, tokenizer = tiny_lm
+    lr, tar_lr = 1e-2, 1e-2
+    optim = OptimSettings(lr=lr, warmup_steps=0, grad_clip=0.0, tar_steps=2, tar_lr=tar_lr)
+    pairs = _pairs(tokenizer)
+    trained = train(
+        copy.deepcopy(model),
+        GradDiff(GradDiffConfig()),
+        pairs,
+        num_steps=1,
+        out_dir=tmp_path / "tar",
+        optim=optim,
+    ).model
+
+    reference = copy.deepcopy(model).train()
+    params = list(reference.parameters())
+    forget, retain = pairs.at(0)
+    retain_grads = torch.autograd.grad(
+        -_mean_logprob(reference, retain, retain.attention_mask), params
+    )
+    attacked = copy.deepcopy(reference)
+    attack_params = list(attacked.parameters())
+    inner = torch.optim.AdamW(attack_params, lr=tar_lr, weight_decay=0.0)
+    for k in range(2):
+        batch, _ = pairs.at(1 + k)
+        (-_mean_logprob(attacked, batch, batch.attention_mask)).backward()
+        inner.step()
+        inner.zero_grad()
+    after_attack = _mean_logprob(attacked, forget, forget.token_mask)
+    attacked_grads = torch.autograd.grad(after_attack, attack_params)
+    grads = [r + a for r, a in zip(retain_grads, attacked_grads, strict=True)]
+    for (name, param), grad in zip(trained.named_parameters(), grads, strict=True):
+        assert torch.allclose(param.grad, grad, rtol=1e-4, atol=1e-6), name
+    for param, grad in zip(params, grads, strict=True):
+        param.grad = grad
+    torch.optim.AdamW(params, lr=lr, betas=optim.betas, weight_decay=0.0).step()
+    for (name, param), want in zip(trained.named_parameters(), params, strict=True):
+        assert torch.allclose(param, want, rtol=0, atol=lr / 100), name  # as in the SAM test
+    (record,) = [json.loads(line) for line in (tmp_path / "tar" / METRICS_FILE).open()]
+    assert record["loss/tar_forget"] == pytest.approx(float(after_attack.detach()), rel=1e-5)
+    # The attack moved the weights: the forget loss after it differs from the one before.
+    assert abs(record["loss/tar_forget"] - record["loss/forget"]) > 1e-3
+
+
+def test_tamper_resistant_settings_are_checked():
+    from unlearn.training import check_parallel
+
+    with pytest.raises(ValueError, match="--tar_steps must be >= 0"):
+        OptimSettings(tar_steps=-1)
+    with pytest.raises(ValueError, match="--tar_steps and --sam_rho"):
+        OptimSettings(tar_steps=2, sam_rho=0.1)
+    with pytest.raises(ValueError, match="only the adapters"):
+        check_parallel(OptimSettings(tar_steps=2), LoraSettings(8), 1)
+    with pytest.raises(ValueError, match="--tar_steps simulates an attack on this rank"):
+        check_parallel(OptimSettings(tar_steps=2), None, 2)
+    check_parallel(OptimSettings(tar_steps=2), None, 1)
+
+
 # --- end to end on the tiny world ---------------------------------------------------------------
 
 E2E = {
@@ -378,6 +445,8 @@ E2E = {
     "rewind_distill": ["--margin", "1.0"],
     "rewind_distill-teacher": ["--margin", "1.0", "--teacher", "<filtered>"],
     "grad_diff-sam": ["--sam_rho", "0.05"],
+    "tar": ["--tar_steps", "2"],
+    "grad_diff-tar": ["--tar_steps", "2"],
 }
 """Runs of the defences through the generic recipe; "<filtered>" is the tiny world's filtered
 twin, a stand-in for an unlearned teacher."""
@@ -421,6 +490,7 @@ def test_defences_run_end_to_end_on_no_dev_or_test_text(case, tiny_home, tmp_pat
     assert [r["step"] for r in losses] == [1, 2]
     assert all(math.isfinite(r["loss/forget"]) and math.isfinite(r["loss/retain"]) for r in losses)
     assert all(("loss/sam_forget" in r) == case.endswith("sam") for r in losses)
+    assert all(("loss/tar_forget" in r) == case.endswith("tar") for r in losses)
     info = json.loads((out / "run_info.json").read_text())["config"]
     if name == "rewind_distill":
         assert info["rewind_checkpoint"].startswith("step")

@@ -163,6 +163,12 @@ VARIANTS: dict[str, list[dict]] = {
         {"teacher": TEACHER, "retain_loss": "l2", "retain_layers": [1], "forget_coef": 2.0},
         {"teacher": TEACHER, "retain_coef": 0.0, "forget_ramp": "forget_decay"},
     ],
+    "tar": [
+        {},
+        {"retain_loss": "nll", "forget_coef": 2.0, "forget_ramp": "forget_decay"},
+        {"retain_loss": "l2", "retain_layers": [1]},
+        {"retain_coef": 0.0},
+    ],
     "rewind_distill": [
         REWIND_FIXED,
         {**REWIND_FIXED, "teacher": TEACHER, "retain_loss": "mse", "retain_layers": [0]},

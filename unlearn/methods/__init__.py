@@ -21,6 +21,7 @@ from unlearn.methods import (
     rmu,
     sequential,
     simnpo,
+    tar,
     undo,
 )
 from unlearn.methods.base import (
@@ -55,6 +56,7 @@ from unlearn.methods.probe_unlearn import ProbeUnlearn, ProbeUnlearnConfig
 from unlearn.methods.rewind_distill import RewindDistillConfig
 from unlearn.methods.rmu import RMU, RMUConfig
 from unlearn.methods.simnpo import SimNPO, SimNPOConfig
+from unlearn.methods.tar import TamperResistant, TarConfig
 from unlearn.methods.undo import UndoConfig
 
 _MODULES = (
@@ -71,6 +73,7 @@ _MODULES = (
     grad_diff,
     undo,
     rewind_distill,
+    tar,
 )
 """The registered methods' modules, in leaderboard order (the standard baselines, then the
 defences that aim to survive a fine-tuning attack)."""
@@ -111,6 +114,8 @@ __all__ = [
     "SimNPO",
     "SimNPOConfig",
     "Stacked",
+    "TamperResistant",
+    "TarConfig",
     "Term",
     "UndoConfig",
     "register",

@@ -7,6 +7,10 @@ floating-point nondeterminism of the BLAS in use), so a build is cached under it
 Presets:
     "default": the world the library reports numbers on (150 + 150 entities, 1,500 facts, a 0.9M
         parameter GPT-NeoX, 800 pretraining steps; a few minutes on 2 CPU cores).
+    "mixed": the default world with forget text interleaved through all of pretraining, and rarer
+        (6 of 32 rows per step from the first step, against 20 of 32 in the second half), so the
+        forget domain is learned later than retain and an early near-chance checkpoint is also
+        weaker on retain: rewinding to it costs retain knowledge.
     "tiny": a small world for tests and smoke runs (builds in well under a minute).
 """
 
@@ -16,6 +20,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import Literal
 
 GENERATOR_VERSION = 1
 """Bumped whenever generation or training code changes what a given config builds."""
@@ -150,8 +155,12 @@ class ToyWorldConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
+WorldPreset = Literal["default", "mixed", "tiny"]
+"""The names of `PRESETS` (the choices of every `--world_preset` flag)."""
+
 PRESETS: dict[str, ToyWorldConfig] = {
     "default": ToyWorldConfig(),
+    "mixed": ToyWorldConfig(stage1_steps=0, forget_rows=6),
     "tiny": ToyWorldConfig(
         n_forget_entities=30,
         n_retain_entities=30,
@@ -173,6 +182,7 @@ PRESETS: dict[str, ToyWorldConfig] = {
     ),
 }
 """Named configs; "tiny" is for tests and smoke runs."""
+assert set(PRESETS) == set(WorldPreset.__args__)  # type: ignore[attr-defined]
 
 
 def get_preset(name: str, **overrides: object) -> ToyWorldConfig:
