@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 from simple_parsing import parse
 
 from benchmarks.leaderboard import FILTERED, UNFILTERED, leaderboard_table
+from unlearn.checkpoints import CheckpointScore, select_checkpoint
 from unlearn.config import from_dict
 from unlearn.provenance import REPO_ROOT
 from unlearn.tamper import AttackSettings
@@ -129,6 +130,39 @@ def toyworld_block(report: dict[str, Any]) -> str:
         f"Default world, config hash {report['config_hash']}, built by `{report['command']}` on "
         f"{_machine(report)}.{timing} The build is not bit-reproducible across machines: the "
         "file's note says by how much builds of the same config differ."
+    )
+    return "\n".join(lines) + "\n\n" + note
+
+
+def checkpoint_curve_block(curve: dict[str, Any]) -> str:
+    """Every checkpoint's accuracy on the tuning splits and the one teacher selection picks.
+
+    From `benchmarks.checkpoint_curve`'s file; the selection is `unlearn.checkpoints`' rule (the
+    latest checkpoint whose forget accuracy over the attack and dev items is <= chance + 0.05).
+    """
+    n = curve["n_items"]
+    lines = [
+        "| checkpoint | forget attack | forget dev | retain |",
+        "| --- | --- | --- | --- |",
+    ]
+    scores = []
+    for point in curve["checkpoints"]:
+        forget = (
+            point["forget_attack_acc"] * n["forget_attack"]
+            + point["forget_dev_acc"] * n["forget_dev"]
+        ) / (n["forget_attack"] + n["forget_dev"])
+        scores.append(CheckpointScore(point["revision"], forget, point["retain_acc"]))
+        lines.append(
+            f"| {point['revision']} | {_pct(point['forget_attack_acc'])} | "
+            f"{_pct(point['forget_dev_acc'])} | {_pct(point['retain_acc'])} |"
+        )
+    chosen = select_checkpoint(scores)
+    note = (
+        f"4-way cloze accuracy (%) on the {curve['template']} template: {n['forget_attack']} "
+        f"attack, {n['forget_dev']} dev and {n['retain']} retain items; world "
+        f"`{curve['world']}`, scored by `{curve['command']}` ({provenance(curve)}). Teacher "
+        f"selection (the latest checkpoint with forget accuracy over attack and dev items <= 30%) "
+        f"picks **{chosen.revision}**, whose retain accuracy is {_pct(chosen.retain_acc)}%."
     )
     return "\n".join(lines) + "\n\n" + note
 
@@ -356,6 +390,7 @@ class Block(NamedTuple):
 
 BLOCKS = {
     "toyworld": Block("toyworld_default.json", toyworld_block),
+    "mixed_checkpoints": Block("checkpoint_curve_mixed.json", checkpoint_curve_block),
     "methods": Block("methods_toyworld.json", methods_block),
     "tuned_lens": Block("tuned_lens_toyworld.json", tuned_lens_block),
     "retain_ablation": Block("retain_ablation_circuit_breakers.json", retain_ablation_block),

@@ -167,3 +167,41 @@ def test_a_format_2_leaderboard_renders_with_leaderboard_table(results_copy):
 def test_a_leaderboard_file_before_format_2_is_refused():
     with pytest.raises(ValueError, match="rerun python -m benchmarks.leaderboard"):
         leaderboard_block({"rows": []})
+
+
+def test_the_checkpoint_block_picks_the_latest_checkpoint_near_chance():
+    """By hand on a made-up curve: forget over attack and dev items weighted by their counts
+    (step200: (0.28 * 3 + 0.40 * 1) / 4 = 0.31 > 0.30, step100: (0.30 * 3 + 0.26) / 4 = 0.29), so
+    step100 is picked, with its retain accuracy."""
+    from benchmarks.readme import checkpoint_curve_block
+
+    curve = {
+        "template": "reserved",
+        "n_items": {"forget_attack": 3, "forget_dev": 1, "retain": 5},
+        "world": "w",
+        "command": "c",
+        "git_sha": "a" * 40,
+        "checkpoints": [
+            {
+                "revision": "step0",
+                "forget_attack_acc": 0.25,
+                "forget_dev_acc": 0.25,
+                "retain_acc": 0.2,
+            },
+            {
+                "revision": "step100",
+                "forget_attack_acc": 0.30,
+                "forget_dev_acc": 0.26,
+                "retain_acc": 0.6,
+            },
+            {
+                "revision": "step200",
+                "forget_attack_acc": 0.28,
+                "forget_dev_acc": 0.40,
+                "retain_acc": 0.9,
+            },
+        ],
+    }
+    block = checkpoint_curve_block(curve)
+    assert "picks **step100**, whose retain accuracy is 60.0%" in block
+    assert "| step200 | 28.0 | 40.0 | 90.0 |" in block
