@@ -14,7 +14,9 @@
   weights, AdamW on the rest), gradient clipping, linear warmup, fp32 or bf16 autocast;
 - with `OptimSettings.sam_rho` > 0, every method's forget terms (all but "retain") are
   sharpness-aware: their gradient is taken at the worst point of a ρ-ball, the retain term's at
-  the weights themselves (`_Run.sharpness_aware_backward`);
+  the weights themselves (`_Run.sharpness_aware_backward`); with `OptimSettings.tar_steps` > 0
+  they are tamper-resistant instead: their gradient is taken after a simulated fine-tuning
+  attack on attack-split forget text (`_Run.tamper_resistant_backward`, TAR, first order);
 - under `torchrun`, each rank takes its share of the global batch; `OptimSettings.parallel`
   chooses DDP (the model on every rank, gradients all-reduced bucket by bucket while the backward
   pass runs; `replicate` with unused parameters allowed, since a step runs several traces of the
@@ -827,8 +829,9 @@ class _Run:
         only: the batches the run's own stream holds past its last step), then ∇L_f(θ') is
         accumulated as the gradient at θ (the attack's steps are not differentiated through),
         and ∇L_r(θ) as usual. The weights, and the gradient accumulated before, are restored
-        exactly afterwards. Cost: `tar_steps` forward and backward passes of the model, then one
-        more forward pass of the step graph and backward pass of L_f.
+        exactly afterwards. The attack moves the parameters the run trains (a phase that trains
+        some blocks only is attacked in those). Cost: `tar_steps` forward and backward passes of
+        the model, then one more forward pass of the step graph and backward pass of L_f.
 
         Returns:
             L_f(θ') (unscaled; its gradient is not accumulated when non-finite) and the attack's
