@@ -39,7 +39,7 @@ from recipes.unlearn import run_keyed
 from unlearn.config import from_dict
 from unlearn.experiment import DataConfig, ModelConfig, Setup, load_setup
 from unlearn.keys import content_key
-from unlearn.methods import REGISTRY, tuned_methods
+from unlearn.methods import REGISTRY, benchmark_methods
 from unlearn.plots import plot_recovery
 from unlearn.provenance import git_sha, machine, portable_paths
 from unlearn.tamper import AttackSettings, suite
@@ -56,9 +56,9 @@ UNFILTERED, FILTERED = "unfiltered", "filtered twin"
 class Config:
     """Leaderboard of the unlearning recipes under an attack suite, over seeds."""
 
-    methods: list[str] = field(default_factory=tuned_methods)
+    methods: list[str] = field(default_factory=benchmark_methods)
     """Methods to run (`unlearn.methods.REGISTRY`; default: every one whose defaults were chosen
-    on dev, `unlearn.methods.tuned_methods`)."""
+    on dev and that needs no further input, `unlearn.methods.benchmark_methods`)."""
     seeds: int = 3
     """Unlearning seeds per method (and attack seeds per control)."""
     suite: str = "default"

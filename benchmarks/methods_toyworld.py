@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from recipes.unlearn import config_class, run
-from unlearn.methods import REGISTRY, tuned_methods
+from unlearn.methods import REGISTRY, benchmark_methods
 from unlearn.provenance import git_sha, machine, portable_path
 from unlearn.toyworld import build_world, get_preset
 
@@ -30,7 +30,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", default=tuned_methods(), choices=list(REGISTRY))
+    parser.add_argument("--only", nargs="*", default=benchmark_methods(), choices=list(REGISTRY))
     parser.add_argument(
         "--markdown_only", action="store_true", help="rewrite the .md from the .json; run nothing"
     )

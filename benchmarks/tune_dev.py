@@ -48,7 +48,7 @@ from recipes.unlearn import config_class, run_keyed
 from unlearn.config import flat_names, flat_values
 from unlearn.experiment import DataConfig, ModelConfig, load_setup
 from unlearn.keys import content_key
-from unlearn.methods import REGISTRY, tuned_methods
+from unlearn.methods import REGISTRY, benchmark_methods
 from unlearn.provenance import git_sha, machine, portable_paths
 from unlearn.tamper import suite
 from unlearn.tamper_report import attack_report, control_records
@@ -87,9 +87,10 @@ def lr_grid(method: str) -> tuple[float, float, float]:
 class Config:
     """Dev-split sweep of every method's learning rate."""
 
-    methods: list[str] = field(default_factory=tuned_methods)
+    methods: list[str] = field(default_factory=benchmark_methods)
     """Methods to sweep (`unlearn.methods.REGISTRY`; default: those whose committed defaults came
-    from this sweep, `unlearn.methods.tuned_methods`; name an untuned method to tune it)."""
+    from this sweep and that need no further input, `unlearn.methods.benchmark_methods`; name an
+    untuned method to tune it, with its inputs in --unlearn_args)."""
     suite: str = "default"
     """Attack suite (`unlearn.tamper.ATTACK_SUITES`), shortened to `num_steps`."""
     num_steps: int = 100

@@ -74,12 +74,14 @@ def test_every_registered_method_has_a_dev_sweep_or_says_it_has_none(tmp_path):
     """A method's default learning rate comes from a committed dev sweep, or its registration
     says it is untuned (`tuned=False`): then it warns when it runs and stays off the default
     benchmark lists until its sweep is committed."""
-    from unlearn.methods import REGISTRY, tuned_methods
+    from unlearn.methods import REGISTRY, benchmark_methods, tuned_methods
 
     swept = [m for file in SWEEPS for m in json.loads((RESULTS / file).read_text())["methods"]]
     assert sorted(swept) == sorted(tuned_methods())
     untuned = sorted(set(REGISTRY) - set(tuned_methods()))
-    assert Config().methods == tuned_methods() == leaderboard.Config().methods
+    # The default lists: the tuned methods that need no further input (UNDO needs --teacher).
+    assert benchmark_methods() == [m for m in tuned_methods() if m != "undo"]
+    assert Config().methods == benchmark_methods() == leaderboard.Config().methods
     for name in untuned:
         with pytest.warns(UserWarning, match=f"{name}'s default settings are placeholders"):
             with pytest.raises(ValueError):  # the warning comes before any input is checked

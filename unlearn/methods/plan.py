@@ -176,6 +176,12 @@ class Registration:
     it runs, and is left out of the benchmarks' default method lists until its sweep is
     committed."""
 
+    standalone: bool = True
+    """Whether it runs from its registered defaults and the model and data alone. False: it
+    needs an input no default can give (UNDO's unlearned teacher, `--teacher`), so the
+    benchmarks' default method lists (`benchmark_methods`) leave it out; name it with its input
+    flags to run it."""
+
     def default_config(self) -> Any:
         """The method's default settings."""
         return self.defaults() if self.defaults is not None else self.config()
@@ -199,6 +205,14 @@ def register(registration: Registration) -> Registration:
 def tuned_methods() -> list[str]:
     """The registered methods whose defaults were chosen on dev, in registry order."""
     return [name for name, reg in REGISTRY.items() if reg.tuned]
+
+
+def benchmark_methods() -> list[str]:
+    """The methods the benchmarks run by default, in registry order.
+
+    Those tuned on dev that run from their defaults alone (`Registration.standalone`).
+    """
+    return [name for name, reg in REGISTRY.items() if reg.tuned and reg.standalone]
 
 
 def registration(name: str) -> Registration:
