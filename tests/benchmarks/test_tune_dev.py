@@ -1,5 +1,6 @@
 """The dev-split learning-rate sweep: its rule, and that the committed defaults are its choices."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def test_every_recipes_default_lr_is_the_dev_sweeps_choice(file):
             assert same_setting(registered[name], value), (method, name)
 
 
-def test_every_registered_method_has_a_dev_sweep_or_says_it_has_none(tmp_path):
+def test_every_registered_method_has_a_dev_sweep_or_says_it_has_none(tmp_path, monkeypatch):
     """A method's default learning rate comes from a committed dev sweep, or its registration
     says it is untuned (`tuned=False`): then it warns when it runs and stays off the default
     benchmark lists until its sweep is committed."""
@@ -82,7 +83,11 @@ def test_every_registered_method_has_a_dev_sweep_or_says_it_has_none(tmp_path):
     # The default lists: the tuned methods that need no further input (UNDO needs --teacher).
     assert benchmark_methods() == [m for m in tuned_methods() if m != "undo"]
     assert Config().methods == benchmark_methods() == leaderboard.Config().methods
-    for name in untuned:
+    # An untuned method warns and stays off the default lists (a stand-in when none is registered).
+    stand_in = dataclasses.replace(REGISTRY["grad_diff"], name="untuned_gd", tuned=False)
+    monkeypatch.setitem(REGISTRY, "untuned_gd", stand_in)
+    assert "untuned_gd" not in benchmark_methods() + tuned_methods()
+    for name in [*untuned, "untuned_gd"]:
         with pytest.warns(UserWarning, match=f"{name}'s default settings are placeholders"):
             with pytest.raises(ValueError):  # the warning comes before any input is checked
                 run_method(
