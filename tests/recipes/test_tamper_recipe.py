@@ -170,6 +170,8 @@ def test_every_attack_flag_overrides_the_preset(tmp_path, monkeypatch):
         "grad_accum": "5",
         "precision": "bfloat16",
         "sam_rho": "0.05",
+        "tar_steps": "0",  # any other value conflicts with sam_rho above
+        "tar_lr": "0.002",
         "parallel": "fsdp",
         "activation_checkpointing": "True",
         "shard_companions": "True",

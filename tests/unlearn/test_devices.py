@@ -45,6 +45,7 @@ CASES = {
     "undo": {"teacher": TEACHER},  # the teacher loaded to the device, the noise drawn on the CPU
     "rewind_distill": {"checkpoint": TEACHER, "checkpoint_revision": "step1", "teacher": TEACHER},
     "detractor": {"scores_path": SCORES},  # per-token weights moved to the loss's device
+    "tar": {},  # its simulated attack is the core's, run by the tests of --tar_steps
 }
 """Every registered method, with the files (lens, maps, probes, teacher, rewritten twins) it loads
 from disk."""

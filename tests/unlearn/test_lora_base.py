@@ -45,6 +45,7 @@ CASES = {
     "grad_diff": {"retain_loss": "mse", "retain_layers": [0]},
     "rewind_distill": REWIND_FIXED,  # no teacher: the forget term distills "base"
     "detractor": {"scores_path": SCORES},
+    "tar": {},
 }
 """A setting of each method that reads "base" (its retain reference, NPO's reference, ...)."""
 
