@@ -48,7 +48,7 @@ from recipes import unlearn as generic  # noqa: E402
 from unlearn.compute import pretraining_flops  # noqa: E402
 from unlearn.methods import REGISTRY, registration  # noqa: E402
 from unlearn.models import load_model  # noqa: E402
-from unlearn.provenance import git_sha, machine  # noqa: E402
+from unlearn.provenance import git_sha, machine, portable_paths  # noqa: E402
 from unlearn.toyworld import build_world, get_preset  # noqa: E402
 from unlearn.toyworld.world import unlearn_home  # noqa: E402
 
@@ -225,7 +225,7 @@ def main(cfg: Config) -> dict[str, Any]:
         "command": ("python -m benchmarks.compute " + shlex.join(sys.argv[1:])).strip(),
         "git_sha": git_sha(),
         "machine": machine(),
-        "config": asdict(cfg),
+        "config": portable_paths(asdict(cfg)),
         "world_preset": preset,
         "pretraining": {
             "flops": pretrain,
