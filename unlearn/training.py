@@ -564,6 +564,13 @@ class _MicroLoss(NamedTuple):
     """Each term's value and coefficient, and the total."""
 
 
+def _autocast(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` for precision "bfloat16", nothing for "float32"."""
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _micro_step(
     step_fn: Callable,
     method: Method,
@@ -572,12 +579,7 @@ def _micro_step(
     dtype: str,
     device: torch.device,
 ) -> _MicroLoss:
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if dtype == "bfloat16"
-        else contextlib.nullcontext()
-    )
-    with autocast:
+    with _autocast(dtype, device):
         acts = step_fn(batches)
         total = forget = retain = torch.zeros((), device=device)
         metrics: dict[str, float] = {}
@@ -860,12 +862,7 @@ class _Run:
     def attack_step(self, optimizer: torch.optim.Optimizer, batch: Any) -> float:
         """One step of the simulated fine-tuning attack: next-token loss on `batch`, AdamW."""
         labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-        autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if self.optim.precision == "bfloat16"
-            else contextlib.nullcontext()
-        )
-        with autocast:
+        with _autocast(self.optim.precision, self.device):
             out = self.trainable(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels
             )

@@ -272,6 +272,34 @@ def _mean_logprob(model, batch, mask) -> torch.Tensor:
     return (logprobs * scored).sum() / scored.sum()
 
 
+def _one_gradient_difference_step(model, pairs, optim, out_dir) -> nn.Module:
+    """The training core's model after one step of gradient difference under `optim`."""
+    return train(
+        copy.deepcopy(model),
+        GradDiff(GradDiffConfig()),
+        pairs,
+        num_steps=1,
+        out_dir=out_dir,
+        optim=optim,
+    ).model
+
+
+def _assert_same_step(trained, params, grads, optim) -> None:
+    """`trained` holds `grads` and the weights one AdamW step (no decay) of them moves `params` to.
+
+    AdamW's first step is about lr·g/(|g| + ε), ε = 1e-8: where the exact gradient is 0 (the
+    attention key biases), float noise of |g| ≤ 1e-10 moves a weight by up to lr/100, differently
+    in the two computations.
+    """
+    for (name, param), grad in zip(trained.named_parameters(), grads, strict=True):
+        assert torch.allclose(param.grad, grad, rtol=1e-4, atol=1e-6), name
+    for param, grad in zip(params, grads, strict=True):
+        param.grad = grad
+    torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=0.0).step()
+    for (name, param), want in zip(trained.named_parameters(), params, strict=True):
+        assert torch.allclose(param, want, rtol=0, atol=optim.lr / 100), name
+
+
 def test_sharpness_aware_step_matches_a_two_pass_reference(tiny_lm, tmp_path):
     """One step of gradient difference with --sam_rho 0.05 (no clipping, no warmup, AdamW).
 
@@ -285,14 +313,7 @@ def test_sharpness_aware_step_matches_a_two_pass_reference(tiny_lm, tmp_path):
     rho, lr = 0.05, 1e-2
     optim = OptimSettings(lr=lr, warmup_steps=0, grad_clip=0.0, sam_rho=rho)
     pairs = _pairs(tokenizer)
-    trained = train(
-        copy.deepcopy(model),
-        GradDiff(GradDiffConfig()),
-        pairs,
-        num_steps=1,
-        out_dir=tmp_path / "sam",
-        optim=optim,
-    ).model
+    trained = _one_gradient_difference_step(model, pairs, optim, tmp_path / "sam")
 
     reference = copy.deepcopy(model).train()
     params = list(reference.parameters())
@@ -313,30 +334,16 @@ def test_sharpness_aware_step_matches_a_two_pass_reference(tiny_lm, tmp_path):
     grads = [r + s for r, s in zip(retain_grads, sharp_grads, strict=True)]
     plain = [r + f for r, f in zip(retain_grads, forget_grads, strict=True)]
     assert max(float((g - p).abs().max()) for g, p in zip(grads, plain, strict=True)) > 1e-4
-    unsharpened = train(
-        copy.deepcopy(model),
-        GradDiff(GradDiffConfig()),
-        pairs,
-        num_steps=1,
-        out_dir=tmp_path / "plain",
-        optim=dataclasses.replace(optim, sam_rho=0.0),
-    ).model
+    unsharpened = _one_gradient_difference_step(
+        model, pairs, dataclasses.replace(optim, sam_rho=0.0), tmp_path / "plain"
+    )
     for (name, param), grad in zip(unsharpened.named_parameters(), plain, strict=True):
         assert torch.allclose(param.grad, grad, rtol=1e-4, atol=1e-6), name  # --sam_rho 0: plain
     assert "loss/sam_forget" not in (tmp_path / "plain" / METRICS_FILE).read_text()
     with pytest.raises(ValueError, match="--sam_rho must be >= 0"):
         OptimSettings(sam_rho=-0.1)
 
-    for (name, param), grad in zip(trained.named_parameters(), grads, strict=True):
-        assert torch.allclose(param.grad, grad, rtol=1e-4, atol=1e-6), name
-    for param, grad in zip(params, grads, strict=True):
-        param.grad = grad
-    torch.optim.AdamW(params, lr=lr, betas=optim.betas, weight_decay=0.0).step()
-    # AdamW's first step is about lr·g/(|g| + ε), ε = 1e-8: where the exact gradient is 0 (the
-    # attention key biases), float noise of |g| ≤ 1e-10 moves a weight by up to lr/100, differently
-    # in the two computations.
-    for (name, param), want in zip(trained.named_parameters(), params, strict=True):
-        assert torch.allclose(param, want, rtol=0, atol=lr / 100), name
+    _assert_same_step(trained, params, grads, optim)
     (record,) = [json.loads(line) for line in (tmp_path / "sam" / METRICS_FILE).open()]
     assert record["loss/sam_forget"] == pytest.approx(float(perturbed.detach()), rel=1e-5)
 
@@ -385,14 +392,7 @@ def test_tamper_resistant_step_matches_a_plain_reference(tiny_lm, tmp_path):
     lr, tar_lr = 1e-2, 1e-2
     optim = OptimSettings(lr=lr, warmup_steps=0, grad_clip=0.0, tar_steps=2, tar_lr=tar_lr)
     pairs = _pairs(tokenizer)
-    trained = train(
-        copy.deepcopy(model),
-        GradDiff(GradDiffConfig()),
-        pairs,
-        num_steps=1,
-        out_dir=tmp_path / "tar",
-        optim=optim,
-    ).model
+    trained = _one_gradient_difference_step(model, pairs, optim, tmp_path / "tar")
 
     reference = copy.deepcopy(model).train()
     params = list(reference.parameters())
@@ -411,13 +411,7 @@ def test_tamper_resistant_step_matches_a_plain_reference(tiny_lm, tmp_path):
     after_attack = _mean_logprob(attacked, forget, forget.token_mask)
     attacked_grads = torch.autograd.grad(after_attack, attack_params)
     grads = [r + a for r, a in zip(retain_grads, attacked_grads, strict=True)]
-    for (name, param), grad in zip(trained.named_parameters(), grads, strict=True):
-        assert torch.allclose(param.grad, grad, rtol=1e-4, atol=1e-6), name
-    for param, grad in zip(params, grads, strict=True):
-        param.grad = grad
-    torch.optim.AdamW(params, lr=lr, betas=optim.betas, weight_decay=0.0).step()
-    for (name, param), want in zip(trained.named_parameters(), params, strict=True):
-        assert torch.allclose(param, want, rtol=0, atol=lr / 100), name  # as in the SAM test
+    _assert_same_step(trained, params, grads, optim)
     (record,) = [json.loads(line) for line in (tmp_path / "tar" / METRICS_FILE).open()]
     assert record["loss/tar_forget"] == pytest.approx(float(after_attack.detach()), rel=1e-5)
     # The attack moved the weights: the forget loss after it differs from the one before.
