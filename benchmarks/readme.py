@@ -27,6 +27,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -268,10 +269,13 @@ def _leaderboard_summary(rows: list[_Row], forget_name: str) -> str:
     )
 
 
-def leaderboard_block(payload: dict[str, Any]) -> str:
+def leaderboard_block(
+    payload: dict[str, Any], details: str = "benchmarks/results/leaderboard.md"
+) -> str:
     """The leaderboard table, its column key, wall times and a summary, from leaderboard.json.
 
-    The table is `benchmarks.leaderboard.leaderboard_table`'s.
+    The table is `benchmarks.leaderboard.leaderboard_table`'s; `details` is the Markdown report
+    next to the JSON (linked from the key).
 
     Raises:
         ValueError: A leaderboard.json written before "format": 2 (rerun the leaderboard).
@@ -286,8 +290,7 @@ def leaderboard_block(payload: dict[str, Any]) -> str:
         "worst case over the attack suite above the filtered twin's (attacked the same way), "
         "max and mean over the evaluated steps, in points; the first step at which it exceeds "
         "10 points; the lowest retain under attack; [low, high]: 95% bootstrap intervals over "
-        "items and seeds (details in [`benchmarks/results/leaderboard.md`]"
-        "(benchmarks/results/leaderboard.md)):"
+        f"items and seeds (details in [`{details}`]({details})):"
     )
     table = leaderboard_table(payload).rstrip("\n")
     times = payload["wall_seconds"].values()
@@ -395,6 +398,10 @@ BLOCKS = {
     "tuned_lens": Block("tuned_lens_toyworld.json", tuned_lens_block),
     "retain_ablation": Block("retain_ablation_circuit_breakers.json", retain_ablation_block),
     "leaderboard": Block("leaderboard.json", leaderboard_block),
+    "leaderboard_mixed": Block(
+        "mixed/leaderboard.json",
+        partial(leaderboard_block, details="benchmarks/results/mixed/leaderboard.md"),
+    ),
     "token_selection": Block("token_selection.json", token_selection_block),
     "magic": Block("magic_attribution.json", magic_block),
     "mask_ablation": Block("mask_ablation.json", mask_ablation_block),

@@ -162,6 +162,13 @@ def test_a_format_2_leaderboard_renders_with_leaderboard_table(results_copy):
     (results_copy / "leaderboard.json").write_text(json.dumps(payload))
     text = " ".join(render_block("leaderboard", results_copy).split())
     assert "(measured at git 0123456, dirty tree)" in text
+    assert "[`benchmarks/results/leaderboard.md`](benchmarks/results/leaderboard.md)" in text
+
+    (results_copy / "mixed" / "leaderboard.json").write_text(json.dumps(payload))
+    mixed = " ".join(render_block("leaderboard_mixed", results_copy).split())
+    details = "benchmarks/results/mixed/leaderboard.md"
+    assert f"[`{details}`]({details})" in mixed
+    assert "benchmarks/results/leaderboard.md" not in mixed
 
 
 def test_a_leaderboard_file_before_format_2_is_refused():

@@ -9,14 +9,14 @@ from tests.conftest import absolute_path_strings
 from unlearn.provenance import HOME_PREFIX
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-RESULT_FILES = sorted(RESULTS.glob("*.json"))
+RESULT_FILES = sorted(RESULTS.rglob("*.json"))
 
 
 def test_there_are_result_files():
     assert len(RESULT_FILES) >= 5
 
 
-@pytest.mark.parametrize("path", RESULT_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RESULT_FILES, ids=lambda p: p.relative_to(RESULTS).as_posix())
 def test_no_value_is_an_absolute_path(path):
     """Paths are relative to the repository root or start with $UNLEARN_HOME (see provenance)."""
     assert absolute_path_strings(json.loads(path.read_text())) == []
