@@ -21,6 +21,7 @@ def _split(payload, methods, sha):
     for key in ("sources", "row_sources"):
         part.pop(key, None)
     part["git_sha"] = sha
+    part["dirty"] = False
     part["config"]["methods"] = list(methods)
     return part
 
